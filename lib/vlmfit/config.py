@@ -1,0 +1,176 @@
+"""Run configuration: one dataclass, field names as in TRL / PEFT / transformers.
+
+A bad configuration fails here, before any model loads (``validate``), with a
+message that says what to change. ``resolve`` records where each value came from
+(default, model profile, override) so the run folder tells the whole story.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from vlmfit import registry
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run, found before any model loads."""
+
+
+@dataclass
+class RunConfig:
+    # What
+    model: str = "smolvlm"  # registry name (vlmfit.registry); tiny-* run offline
+    weights: str = "hub"  # hub | random (published architecture, random weights) | a local folder
+    method: Literal["sft", "dpo"] = "sft"
+    data: str = "data/shapes/sft_train.json"  # any supported format (vlmfit.data.formats)
+    eval_data: str | None = "data/shapes/sft_test.json"  # held-out split for generation eval
+    run: str | None = None  # run id: runs/<run>/ (default: <method>-<model>)
+    runs_dir: str = "runs"
+    init_adapter: str | None = None  # DPO: start from this SFT run's adapter (run id or folder)
+    # How much trains
+    finetune: Literal["lora", "qlora", "full", "projector"] = "lora"
+    train_vision: bool = False  # vision tower (LoRA on it with lora/qlora; full weights with full)
+    train_projector: bool = False  # projector / connector (fully trained, saved with the adapter)
+    train_language: bool = True  # language model (LoRA or full)
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    use_dora: bool = False  # DoRA: +quality at low rank, ~1.3-2x slower steps
+    use_rslora: bool = False  # rank-stabilised scaling alpha/sqrt(r)
+    init_lora_weights: Literal["default", "gaussian"] = "default"
+    # Optimisation (transformers.TrainingArguments names)
+    learning_rate: float = 2e-4
+    projector_learning_rate: float | None = None  # separate LR for embeddings / projector
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+    per_device_train_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    warmup_ratio: float = 0.05
+    lr_scheduler_type: str = "cosine"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = True  # True reduces activation memory, ~20-30% slower
+    bf16: bool | None = None  # None: on when the GPU supports it
+    seed: int = 0
+    logging_steps: int = 5
+    save_steps: int = 50  # checkpoint every N optimizer steps (resume with RESUME=1)
+    save_total_limit: int = 2
+    resume: bool = False
+    # DPO
+    beta: float = 0.1
+    # Data on a budget (vlmfit.budget.Budget)
+    max_image_tokens: int | None = None
+    max_length: int = 2048  # tokens per sample, text + visual, after the chat template
+    overlength: Literal["drop", "shrink"] = "drop"
+    # Evaluation
+    eval_max_new_tokens: int = 16
+    eval_limit: int | None = None  # evaluate on the first N held-out samples
+    eval_batch_size: int = 16
+    dataloader_num_workers: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def run_id(self) -> str:
+        return self.run or f"{self.method}-{self.model}"
+
+    @property
+    def spec(self) -> registry.ModelSpec:
+        return registry.get(self.model)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Make-variable strings ("1", "true", "none") into the field's type."""
+    default = getattr(RunConfig(), name)
+    if not isinstance(value, str):
+        return value
+    low = value.strip().lower()
+    if low in {"none", "null", ""}:
+        return None
+    if isinstance(default, bool) or name in {"bf16"}:
+        if low in {"1", "true", "yes", "on"}:
+            return True
+        if low in {"0", "false", "no", "off"}:
+            return False
+        raise ConfigError(f"{name}: expected a boolean, got {value!r}")
+    if isinstance(default, int) and not isinstance(default, bool) or name == "max_image_tokens":
+        return int(value)
+    if isinstance(default, float) or name == "projector_learning_rate":
+        return float(value)
+    return value
+
+
+def resolve(overrides: dict[str, Any] | None = None) -> tuple[RunConfig, dict[str, str]]:
+    """Build a RunConfig from overrides; returns it and each field's origin."""
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - FIELDS)
+    if unknown:
+        raise ConfigError(f"unknown configuration key(s): {', '.join(unknown)}")
+    values = {k: _coerce(k, v) for k, v in overrides.items()}
+    cfg = RunConfig(**values)
+    origin = {k: ("override" if k in values else "default") for k in FIELDS}
+    validate(cfg)
+    return cfg, origin
+
+
+def validate(cfg: RunConfig, *, cuda: bool | None = None) -> None:
+    """Fail early with a clear message; never after the model has loaded."""
+    import torch
+
+    try:
+        spec = registry.get(cfg.model)
+    except registry.UnknownModelError as e:
+        raise ConfigError(str(e)) from None
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if cfg.method not in ("sft", "dpo"):
+        raise ConfigError(f"method must be 'sft' or 'dpo', got {cfg.method!r}")
+    if cfg.finetune not in ("lora", "qlora", "full", "projector"):
+        raise ConfigError(f"finetune must be lora, qlora, full or projector, got {cfg.finetune!r}")
+    if cfg.weights not in ("hub", "random") and not spec.tiny:
+        from pathlib import Path
+
+        if not Path(cfg.weights).is_dir():
+            raise ConfigError(f"WEIGHTS={cfg.weights!r}: expected hub, random or a model folder")
+    if cfg.finetune == "qlora" and not cuda:
+        raise ConfigError(
+            "finetune=qlora needs a CUDA GPU: bitsandbytes 4-bit (NF4) training does not run on "
+            "this device. Use finetune=lora (or full) on CPU."
+        )
+    if cfg.bf16 and not cuda:
+        raise ConfigError("bf16=True needs a CUDA GPU with bf16 support; leave bf16 unset on CPU")
+    # finetune=projector trains the projector alone, whatever the train_* flags say.
+    if cfg.finetune != "projector" and not (
+        cfg.train_vision or cfg.train_projector or cfg.train_language
+    ):
+        raise ConfigError(
+            "everything is frozen: set at least one of train_vision, train_projector, "
+            "train_language to true"
+        )
+    if cfg.finetune in ("full", "projector") and (cfg.use_dora or cfg.use_rslora):
+        raise ConfigError(f"use_dora / use_rslora are LoRA options; finetune={cfg.finetune}")
+    if cfg.finetune == "full" and cfg.init_lora_weights != "default":
+        raise ConfigError("init_lora_weights is a LoRA option; finetune=full")
+    if cfg.lora_r <= 0 or cfg.lora_alpha <= 0:
+        raise ConfigError("lora_r and lora_alpha must be positive")
+    if cfg.per_device_train_batch_size < 1 or cfg.gradient_accumulation_steps < 1:
+        raise ConfigError("batch size and gradient accumulation must be >= 1")
+    if cfg.learning_rate <= 0:
+        raise ConfigError("learning_rate must be positive")
+    if cfg.method == "sft" and cfg.init_adapter:
+        raise ConfigError("init_adapter is for DPO (start DPO from an SFT run's adapter)")
+    if cfg.method == "dpo" and cfg.finetune == "full" and not cfg.init_adapter:
+        raise ConfigError(
+            "DPO with finetune=full would need a second copy of the weights as reference; "
+            "vlmfit's DPO uses the base with the adapter disabled: use finetune=lora or qlora"
+        )
+    if cfg.max_image_tokens is not None and cfg.max_image_tokens < 1:
+        raise ConfigError("max_image_tokens must be >= 1")
+    if cfg.overlength not in ("drop", "shrink"):
+        raise ConfigError("overlength must be 'drop' or 'shrink'")

@@ -1,0 +1,1 @@
+"""Dataset readers for peers' formats, validation, and the bundled synthetic dataset."""

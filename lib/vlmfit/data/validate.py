@@ -1,0 +1,379 @@
+"""Validate a dataset: structure of every record and every image / video it points to.
+
+Usage::
+
+    from vlmfit.data.validate import check_dataset
+
+    report = check_dataset("data/shapes/sft_train.json")        # raises DataError listing all
+    report = check_dataset("peer.jsonl", on_error="skip")        # good records + the problems
+    report.records, report.skipped, report.by_reason
+
+or from the shell (exit 0 with a summary, or 1 with one ``FILE:RECORD: reason`` per line)::
+
+    python -m vlmfit check DATA [--model smolvlm] [--format trl] [--skip-bad]
+
+Checks, besides what :mod:`vlmfit.data.formats` rejects while reading: roles in order (a
+system turn only first, then user / assistant alternating from user; SFT conversations end
+with an assistant turn, preference prompts with a user turn and ``chosen`` / ``rejected``
+each one assistant turn), no empty or missing assistant turn, as many media parts as media,
+and every image fully decoded / every video probed through :mod:`vlmfit.data.media` (once
+per unique file, in threads), with ``max_pixels`` guarding against decompression bombs.
+Token lengths need a tokenizer and are checked by preprocessing, not here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections import Counter
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from vlmfit.data import media
+from vlmfit.data.formats import FORMATS, load_records
+from vlmfit.records import DataError, MediaRef, Problem, Record, count_parts, message_text
+
+__all__ = ["Report", "check_dataset", "cli_check", "reason_kind", "validate_records"]
+
+DEFAULT_MAX_PIXELS = media.DEFAULT_MAX_PIXELS
+
+
+@dataclass
+class Report:
+    """What :func:`check_dataset` found; ``records`` holds the good records only."""
+
+    records: list[Record]
+    problems: list[Problem]
+    skipped: int  # records (or whole files) left out because of a problem
+    counts: dict[str, int]  # good records per format
+    n_images: int
+    n_videos: int
+    image_sizes: list[tuple[int, int]]  # (w, h) of every image use in a good record
+    by_reason: dict[str, int]  # problems per kind (see reason_kind)
+    fmt: str = ""  # the format load_records reported (container name for tables)
+    video_sizes: list[tuple[int, int]] = field(default_factory=list)
+
+
+def reason_kind(reason: str) -> str:
+    """The kind of a problem: its reason up to the first ``": "`` (``invalid JSON``...)."""
+    return reason.split(": ", 1)[0]
+
+
+# --------------------------------------------------------------------------- structure
+
+
+def _order_problem(messages: list[dict[str, Any]]) -> str | None:
+    """The first role-order violation: system only first, then user/assistant from user."""
+    expected = "user"
+    for i, m in enumerate(messages):
+        role = m.get("role")
+        if role == "system":
+            if i == 0:
+                continue
+            return f"roles out of order: system turn at messages[{i}] (only allowed first)"
+        if role != expected:
+            return f"roles out of order: messages[{i}] is {role!r}, expected {expected!r}"
+        expected = "assistant" if role == "user" else "user"
+    return None
+
+
+def _empty_assistant(turns: Iterable[dict[str, Any]], where: str) -> list[str]:
+    return [
+        f"empty assistant turn: {where}[{i}]"
+        for i, m in enumerate(turns)
+        if m.get("role") == "assistant" and not message_text(m).strip()
+    ]
+
+
+def _answer_problems(record: Record) -> list[str]:
+    out: list[str] = []
+    for name in ("chosen", "rejected"):
+        turns = getattr(record, name) or []
+        roles = [m.get("role") for m in turns]
+        if roles != ["assistant"]:
+            out.append(f"roles out of order: {name} must be one assistant turn, got {roles}")
+        else:
+            out += _empty_assistant(turns, name)
+    return out
+
+
+def structure_problems(
+    record: Record, *, require_assistant: bool = True, preference: bool | None = None
+) -> list[str]:
+    """Reasons (no location) why one record's turns cannot be trained on."""
+    pref = record.is_preference if preference is None else preference
+    if pref and not record.is_preference:
+        return ["missing chosen/rejected: preference data needs both"]
+    if not pref and (record.chosen is not None or record.rejected is not None):
+        return ["unexpected chosen/rejected: a preference record where SFT data is expected"]
+    msgs = record.messages
+    if not msgs:
+        return ["missing messages: the record has no turns"]
+    out = [p for p in [_order_problem(msgs)] if p]
+    if pref:
+        if not out and msgs[-1]["role"] != "user":
+            out.append(
+                f"roles out of order: the preference prompt ends with {msgs[-1]['role']!r}, "
+                "expected 'user'"
+            )
+        out += _empty_assistant(msgs, "messages") + _answer_problems(record)
+    else:
+        if require_assistant and not any(m["role"] == "assistant" for m in msgs):
+            out.append("missing assistant turn: nothing to train on")
+        elif require_assistant and not out and msgs[-1]["role"] != "assistant":
+            out.append(
+                f"roles out of order: the conversation ends with {msgs[-1]['role']!r}, "
+                "expected a final 'assistant' turn"
+            )
+        out += _empty_assistant(msgs, "messages")
+    turns = record.all_turns()
+    for kind, refs in (("image", record.images), ("video", record.videos)):
+        n = count_parts(turns, kind)
+        if n != len(refs):
+            out.append(
+                f"placeholder/media mismatch: {n} <{kind}> placeholder{'s' * (n != 1)} "
+                f"but {len(refs)} {kind}{'s' * (len(refs) != 1)}"
+            )
+    return out
+
+
+# --------------------------------------------------------------------------- media
+
+_Result = tuple[tuple[int, int] | None, str | None]  # (size, reason)
+
+
+def _key(kind: str, ref: MediaRef) -> tuple[str, Any]:
+    return (kind, ref.path) if ref.path is not None else (kind, id(ref.data))
+
+
+def _check_one(kind: str, ref: MediaRef, max_pixels: int | None) -> _Result:
+    try:
+        if kind == "image":
+            return media.check_image(ref, max_pixels=max_pixels), None
+        info = media.probe_video(ref)
+        return (info.width, info.height), None
+    except media.MediaError as e:
+        return None, str(e)
+    except Exception as e:  # a decoder bug must not hide the other problems
+        return None, f"unreadable {kind}: {ref.describe()} ({type(e).__name__}: {e})"
+
+
+def check_media(
+    records: Iterable[Record], *, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> dict[tuple[str, Any], _Result]:
+    """Check every unique image / video once (threads: decoders release the GIL)."""
+    todo: dict[tuple[str, Any], tuple[str, MediaRef]] = {}
+    for r in records:
+        for kind, refs in (("image", r.images), ("video", r.videos)):
+            for ref in refs:
+                todo.setdefault(_key(kind, ref), (kind, ref))
+    if not todo:
+        return {}
+    workers = max(1, min(8, os.cpu_count() or 1, len(todo)))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = pool.map(lambda item: _check_one(*item, max_pixels), todo.values())
+        return dict(zip(todo, results, strict=True))
+
+
+def _media_problems(record: Record, results: dict[tuple[str, Any], _Result]) -> list[str]:
+    reasons: list[str] = []
+    for kind, refs in (("image", record.images), ("video", record.videos)):
+        for ref in refs:
+            reason = results.get(_key(kind, ref), (None, None))[1]
+            if reason:
+                reasons.append(reason)
+    return list(dict.fromkeys(reasons))  # an image used twice is one problem
+
+
+def _validate(
+    records: list[Record],
+    *,
+    check_media_files: bool,
+    max_pixels: int | None,
+    require_assistant: bool,
+    preference: bool | None,
+) -> tuple[list[Problem], dict[tuple[str, Any], _Result]]:
+    results = check_media(records, max_pixels=max_pixels) if check_media_files else {}
+    problems: list[Problem] = []
+    for r in records:
+        reasons = structure_problems(r, require_assistant=require_assistant, preference=preference)
+        reasons += _media_problems(r, results)
+        problems += [Problem(r.source, r.index, reason) for reason in reasons]
+    return problems, results
+
+
+def validate_records(
+    records: Iterable[Record],
+    *,
+    check_media: bool = True,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    require_assistant: bool = True,
+    preference: bool | None = None,
+) -> list[Problem]:
+    """Structural and media problems of records, in record order.
+
+    ``preference=None`` takes each record as it is (SFT or preference); ``True`` / ``False``
+    demands one kind. ``require_assistant=False`` accepts prompt-only conversations.
+    """
+    problems, _ = _validate(
+        list(records),
+        check_media_files=check_media,
+        max_pixels=max_pixels,
+        require_assistant=require_assistant,
+        preference=preference,
+    )
+    return problems
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+def _position(p: Problem) -> tuple[str, int]:
+    """Sort key: by file, whole-file problems first, then by record."""
+    return (p.source, p.index if isinstance(p.index, int) else -1)
+
+
+def check_dataset(
+    path: str | os.PathLike[str],
+    *,
+    fmt: str | None = None,
+    on_error: Literal["fail", "skip"] = "fail",
+    check_media: bool = True,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    split: str | None = None,
+) -> Report:
+    """Load and validate a dataset.
+
+    ``on_error="fail"`` raises :class:`~vlmfit.records.DataError` listing every problem if
+    there is any; ``"skip"`` returns the good records, with the problems and how many
+    records (or whole files) were skipped.
+    """
+    if on_error not in ("fail", "skip"):
+        raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
+    loaded = load_records(path, fmt=fmt, split=split)
+    found, results = _validate(
+        loaded.records,
+        check_media_files=check_media,
+        max_pixels=max_pixels,
+        require_assistant=True,
+        preference=None,
+    )
+    problems = sorted(loaded.problems + found, key=_position)
+    if problems and on_error == "fail":
+        raise DataError(problems)
+    bad = {(p.source, p.index) for p in found}
+    good = [r for r in loaded.records if (r.source, r.index) not in bad]
+
+    def sizes(kind: str) -> list[tuple[int, int]]:
+        refs = [(ref, r) for r in good for ref in (r.images if kind == "image" else r.videos)]
+        return [s for ref, _r in refs if (s := results.get(_key(kind, ref), (None, None))[0])]
+
+    return Report(
+        records=good,
+        problems=problems,
+        skipped=len({(p.source, p.index) for p in problems}),
+        counts=dict(Counter(r.fmt for r in good)),
+        n_images=sum(len(r.images) for r in good),
+        n_videos=sum(len(r.videos) for r in good),
+        image_sizes=sizes("image"),
+        by_reason=dict(Counter(reason_kind(p.reason) for p in problems)),
+        fmt=loaded.fmt,
+        video_sizes=sizes("video"),
+    )
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vlmfit check",
+        description="Validate a dataset: exit 0 with a summary, or 1 listing every problem "
+        "as FILE:RECORD: reason.",
+    )
+    p.add_argument("data", help="a .json/.jsonl/.parquet/.arrow file or a dataset folder")
+    p.add_argument("--model", help="registry model: also show visual tokens per image")
+    p.add_argument("--format", choices=FORMATS, help="force a format (default: detect)")
+    p.add_argument("--split", help="split of a saved DatasetDict / files named with it")
+    p.add_argument("--skip-bad", action="store_true", help="skip bad records (exit 0)")
+    p.add_argument("--no-media", action="store_true", help="do not open images / videos")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="largest image (w*h)")
+    return p
+
+
+def _range(sizes: list[tuple[int, int]]) -> str:
+    if not sizes:
+        return ""
+    lo = min(sizes, key=lambda s: (s[0] * s[1], s))
+    hi = max(sizes, key=lambda s: (s[0] * s[1], s))
+    return f", {lo[0]}x{lo[1]} .. {hi[0]}x{hi[1]}"
+
+
+def _token_line(model: str, sizes: list[tuple[int, int]]) -> str:
+    from vlmfit import registry
+
+    spec = registry.get(model)
+    try:
+        from vlmfit.budget import image_tokens
+    except ImportError:
+        return f"visual tokens ({model}): vlmfit.budget not available"
+    if not sizes:
+        return f"visual tokens per image ({model}): no image sizes (no images, or --no-media)"
+    tokens = [image_tokens(spec, w, h) for w, h in sizes]
+    return (
+        f"visual tokens per image ({model}): min {min(tokens)}, max {max(tokens)}, "
+        f"mean {sum(tokens) / len(tokens):.0f}, total {sum(tokens)}"
+    )
+
+
+def _summary(report: Report, data: str, model: str | None) -> list[str]:
+    per_fmt = ", ".join(f"{k}: {v}" for k, v in sorted(report.counts.items()))
+    turns = Counter(m["role"] for r in report.records for m in r.all_turns())
+    n_pref = sum(r.is_preference for r in report.records)
+    lines = [
+        f"{data}: {len(report.records)} records ({per_fmt or 'none'}); format {report.fmt}",
+        f"turns: {sum(turns.values())} (system {turns['system']}, user {turns['user']}, "
+        f"assistant {turns['assistant']}); preference pairs: {n_pref}",
+        f"images: {report.n_images}{_range(report.image_sizes)}",
+        f"videos: {report.n_videos}{_range(report.video_sizes)}",
+    ]
+    if model:
+        lines.append(_token_line(model, report.image_sizes))
+    return lines
+
+
+def cli_check(argv: list[str]) -> int:
+    """``vlmfit check``: 0 and a summary, or 1 and one ``FILE:RECORD: reason`` per problem."""
+    args = _parser().parse_args(argv)
+    if args.model:
+        from vlmfit import registry
+
+        try:
+            registry.get(args.model)
+        except registry.UnknownModelError as e:
+            print(f"vlmfit check: {e}")
+            return 2
+    report = check_dataset(
+        args.data,
+        fmt=args.format,
+        on_error="skip",
+        check_media=not args.no_media,
+        max_pixels=args.max_pixels,
+        split=args.split,
+    )
+    for problem in report.problems:
+        print(problem)
+    if report.problems and not args.skip_bad:
+        kinds = ", ".join(f"{k}: {v}" for k, v in sorted(report.by_reason.items()))
+        print(
+            f"{len(report.problems)} problem(s) in {report.skipped} record(s) of {args.data} "
+            f"({kinds}); nothing was changed"
+        )
+        return 1
+    if report.problems:
+        print(f"skipped {report.skipped} bad record(s) ({len(report.problems)} problem(s))")
+    for line in _summary(report, args.data, args.model):
+        print(line)
+    return 0 if report.records else 1

@@ -1,0 +1,151 @@
+"""Loading models and processors, freezing module groups, and PEFT adapters.
+
+One path for all three sources (``weights``):
+
+- ``hub``: ``from_pretrained(spec.hub_id, revision=spec.revision)`` (the real thing);
+- ``tiny``: a tiny model saved locally by ``vlmfit.tiny`` and loaded by the same
+  ``from_pretrained`` call;
+- ``random``: the published full-size architecture with random weights, built directly
+  on the target device (memory and speed do not depend on the weights' values).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+from vlmfit import registry
+from vlmfit.procs import load_processor
+from vlmfit.registry import ModelSpec
+
+
+def resolve_source(spec: ModelSpec, weights: str) -> tuple[str | Path, str | None]:
+    """Where ``from_pretrained`` reads from, and the revision (None for local folders)."""
+    from vlmfit import tiny
+
+    if spec.tiny:
+        return tiny.ensure_tiny(spec.name), None
+    if weights == "random":
+        return tiny.ensure_random(spec.name), None
+    if weights == "hub":
+        return spec.hub_id, spec.revision
+    path = Path(weights)  # a local folder with a downloaded / merged model
+    if not path.is_dir():
+        raise ValueError(f"WEIGHTS must be 'hub', 'random' or an existing folder, got {weights!r}")
+    return path, None
+
+
+def quantization_config(kind: str, compute_dtype: torch.dtype):
+    """bitsandbytes 4-bit NF4 with double quantization (QLoRA), or None."""
+    if kind in ("", "none", None):
+        return None
+    if kind != "nf4":
+        raise ValueError(f"unknown quantization {kind!r} (use 'nf4' or 'none')")
+    return transformers.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+        # Keep the vision tower and projector out of 4-bit: small, and precision-sensitive.
+        llm_int8_skip_modules=["vision_model", "visual", "connector", "merger", "lm_head"],
+    )
+
+
+def load_model(
+    spec: ModelSpec,
+    *,
+    weights: str = "hub",
+    dtype: torch.dtype = torch.float32,
+    quantization: str = "none",
+    attn_implementation: str | None = "sdpa",
+    device: str | torch.device | None = None,
+    path: str | Path | None = None,
+):
+    """Load (or build) the model and its processor."""
+    source, revision = (path, None) if path else resolve_source(spec, weights)
+    cls = getattr(transformers, spec.family.model_class)
+    processor = load_processor(source, spec.family.name, **({"revision": revision} if revision else {}))
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    qcfg = quantization_config(quantization, dtype)
+    if weights == "random" and not spec.tiny and not path:
+        config = transformers.AutoConfig.from_pretrained(source)
+        if attn_implementation:
+            config._attn_implementation = attn_implementation
+        target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        with target:
+            model = cls._from_config(config, dtype=dtype)
+        if qcfg is not None:  # quantize like a real load would: save, reload quantized
+            raise ValueError(
+                "QLoRA with WEIGHTS=random: use vlmfit.models.save_random() first, then load the "
+                "saved folder with quantization"
+            )
+    else:
+        if qcfg is not None:
+            kwargs["quantization_config"] = qcfg
+            kwargs["device_map"] = {"": device or 0}
+        if revision:
+            kwargs["revision"] = revision
+        model = cls.from_pretrained(source, **kwargs)
+        if device and qcfg is None:
+            model.to(device)
+    return model, processor
+
+
+def module_groups(model, spec: ModelSpec) -> dict[str, list[str]]:
+    """Parameter names per group: vision, projector, language (projector wins over vision)."""
+    fam = spec.family
+    groups: dict[str, list[str]] = {"vision": [], "projector": [], "language": [], "other": []}
+    for name, _ in model.named_parameters():
+        clean = name.replace("base_model.model.", "")
+        if any(clean.startswith(p) for p in fam.projector_modules):
+            groups["projector"].append(name)
+        elif any(clean.startswith(p) for p in fam.vision_modules):
+            groups["vision"].append(name)
+        elif any(clean.startswith(p) for p in fam.language_modules):
+            groups["language"].append(name)
+        else:
+            groups["other"].append(name)
+    return groups
+
+
+def set_trainable(model, spec: ModelSpec, *, vision: bool, projector: bool, language: bool) -> None:
+    """Freeze / unfreeze whole module groups (full fine-tuning)."""
+    groups = module_groups(model, spec)
+    wanted = {"vision": vision, "projector": projector, "language": language, "other": language}
+    params = dict(model.named_parameters())
+    for group, names in groups.items():
+        for n in names:
+            params[n].requires_grad_(wanted[group])
+
+
+def lora_targets(model, spec: ModelSpec, *, vision: bool = False) -> list[str]:
+    """Full module names of the linear layers LoRA goes on (language model; + vision tower)."""
+    pattern = re.compile(spec.family.lora_target_regex)
+    names = [n for n, m in model.named_modules() if pattern.fullmatch(n)]
+    if vision:
+        vis = tuple(spec.family.vision_modules)
+        proj = tuple(spec.family.projector_modules)
+        names += [
+            n
+            for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and n.startswith(vis) and not n.startswith(proj)
+        ]
+    if not names:
+        raise ValueError(f"no LoRA target modules found for {spec.name}")
+    return names
+
+
+def trainable_summary(model) -> dict[str, float]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"total": total, "trainable": trainable, "percent": 100.0 * trainable / max(total, 1)}
+
+
+def get(name: str) -> ModelSpec:
+    return registry.get(name)

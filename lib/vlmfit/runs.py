@@ -1,0 +1,121 @@
+"""Run folders: ``runs/<run-id>/`` with config, metrics, environment and the adapter.
+
+Layout::
+
+    runs/<run-id>/
+        config.json        resolved configuration and where each value came from
+        environment.json   lock hash, git commit, torch/transformers/trl/peft versions, GPU
+        metrics.jsonl      one JSON object per logging step (loss, lr, grad_norm, memory)
+        checkpoints/       Trainer checkpoints every save_steps (RESUME=1 continues)
+        adapter/           PEFT adapter: adapter_config.json + adapter_model.safetensors
+                           (or the full model for finetune=full), plus the processor
+        eval.json          evaluation results (before / after)
+        summary.json       model, method, peak memory, runtime, evaluation metrics
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """Write JSON atomically (temp file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=False, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def lock_hash(root: Path = REPO_ROOT) -> str | None:
+    lock = root / "requirements.lock"
+    return hashlib.sha256(lock.read_bytes()).hexdigest()[:16] if lock.exists() else None
+
+
+def git_commit(root: Path = REPO_ROOT) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def environment() -> dict[str, Any]:
+    import peft
+    import torch
+    import transformers
+    import trl
+
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+        "peft": peft.__version__,
+        "lock_sha256_16": lock_hash(),
+        "git_commit": git_commit(),
+        "cuda": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cpu_count": os.cpu_count(),
+    }
+    try:
+        import bitsandbytes
+
+        env["bitsandbytes"] = bitsandbytes.__version__
+    except Exception:  # noqa: BLE001 - optional on CPU hosts
+        env["bitsandbytes"] = None
+    return env
+
+
+class MetricsLog:
+    """Append-only JSONL metrics log (survives a killed run; resume appends)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record, default=float) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def run_dir(runs_dir: str | Path, run_id: str) -> Path:
+    return Path(runs_dir) / run_id
+
+
+def last_checkpoint(path: Path) -> Path | None:
+    ckpts = sorted(
+        (p for p in (path / "checkpoints").glob("checkpoint-*") if p.is_dir()),
+        key=lambda p: int(p.name.split("-")[-1]),
+    )
+    return ckpts[-1] if ckpts else None

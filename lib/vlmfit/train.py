@@ -1,0 +1,436 @@
+"""SFT and DPO through TRL's trainers, with PEFT adapters, in run folders.
+
+    python -m vlmfit train --model tiny-smolvlm --method sft --finetune full \
+        --data data/shapes/sft_train.json --eval_data data/shapes/sft_test.json
+
+The notebooks (``notebooks/sft.ipynb``, ``notebooks/dpo.ipynb``) call ``run(cfg)``.
+What vlmfit adds on top of TRL: the model registry (module groups, LoRA targets),
+assistant-only loss checked for every family (TRL's training chat templates), a
+separate learning rate for projector / embeddings, the reference model of DPO as
+the base with the adapter disabled, memory in the metrics log, evaluation by
+generation, and run folders that resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlmfit import runs
+from vlmfit.config import ConfigError, RunConfig, resolve, validate
+from vlmfit.records import Record
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_training_records(path: str, *, preference: bool) -> list[Record]:
+    """Read any supported format, validate (fail listing every problem)."""
+    from vlmfit.data.validate import check_dataset
+
+    report = check_dataset(path, on_error="fail")
+    records = report.records
+    if preference and not all(r.is_preference for r in records):
+        n = sum(not r.is_preference for r in records)
+        raise ConfigError(
+            f"method=dpo needs preference data (prompt/chosen/rejected): {n} of {len(records)} "
+            f"records in {path} have no chosen/rejected pair"
+        )
+    return records
+
+
+def _open(ref) -> Any:
+    from vlmfit.data.media import open_image
+
+    return open_image(ref)
+
+
+def to_sft_rows(records: list[Record]) -> list[dict[str, Any]]:
+    return [{"messages": r.messages, "images": [_open(m) for m in r.images]} for r in records]
+
+
+def to_dpo_rows(records: list[Record]) -> list[dict[str, Any]]:
+    return [
+        {
+            "prompt": r.messages,
+            "chosen": r.chosen,
+            "rejected": r.rejected,
+            "images": [_open(m) for m in r.images],
+        }
+        for r in records
+    ]
+
+
+def to_dataset(rows: list[dict[str, Any]]):
+    """A ``datasets.Dataset`` with an ``images`` column of PIL images (TRL's VLM layout)."""
+    import datasets
+
+    features = None
+    if rows and rows[0].get("images") is not None:
+        cols = {k: [r[k] for r in rows] for k in rows[0]}
+        ds = datasets.Dataset.from_dict(cols)
+        features = ds.features.copy()
+        features["images"] = datasets.Sequence(datasets.Image())
+        return ds.cast(features)
+    return datasets.Dataset.from_list(rows)
+
+
+# ---------------------------------------------------------------------------- model
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _dtype(cfg: RunConfig) -> torch.dtype:
+    if cfg.bf16 or (cfg.bf16 is None and torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float32
+
+
+def lora_config(cfg: RunConfig, model, spec):
+    from peft import LoraConfig
+
+    from vlmfit.models import lora_targets
+
+    targets = lora_targets(model, spec, vision=cfg.train_vision) if cfg.train_language else []
+    if not cfg.train_language and cfg.train_vision:
+        targets = [t for t in lora_targets(model, spec, vision=True) if "language" not in t]
+    modules_to_save = list(spec.family.projector_modules) if cfg.train_projector else None
+    if modules_to_save:
+        modules_to_save = [m.split(".")[-1] for m in modules_to_save]
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets or None,
+        modules_to_save=modules_to_save,
+        use_dora=cfg.use_dora,
+        use_rslora=cfg.use_rslora,
+        init_lora_weights="gaussian" if cfg.init_lora_weights == "gaussian" else True,
+        task_type="CAUSAL_LM",
+    )
+
+
+def _init_source(cfg: RunConfig) -> tuple[Path | None, Path | None]:
+    """(full model folder, adapter folder) of the run DPO starts from."""
+    if not cfg.init_adapter:
+        return None, None
+    p = Path(cfg.init_adapter)
+    if not p.exists():
+        p = runs.run_dir(cfg.runs_dir, cfg.init_adapter) / "adapter"
+    if (p / "adapter" / "adapter_config.json").exists():
+        p = p / "adapter"
+    if (p / "adapter_config.json").exists():
+        return None, p
+    if (p / "config.json").exists():
+        return p, None
+    raise ConfigError(f"init_adapter {cfg.init_adapter!r}: no adapter or model found at {p}")
+
+
+def build_model(cfg: RunConfig):
+    """Load the model, apply freezing / PEFT; returns (model, processor, peft_config)."""
+    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    from vlmfit.models import load_model, set_trainable
+
+    spec = cfg.spec
+    dtype = _dtype(cfg)
+    full_init, adapter_init = _init_source(cfg)
+    quant = "nf4" if cfg.finetune == "qlora" else "none"
+    model, processor = load_model(
+        spec, weights=cfg.weights, dtype=dtype, quantization=quant, device=_device(), path=full_init
+    )
+    if full_init is not None:  # processor of the run we start from (same tokenizer)
+        from vlmfit.procs import load_processor
+
+        processor = load_processor(full_init, spec.family.name)
+    if adapter_init is not None and quant == "none":
+        # Fold the SFT adapter into the weights: DPO's reference (adapter disabled) is then
+        # the SFT model, as DPO intends, with no second copy of the weights.
+        model = PeftModel.from_pretrained(model, adapter_init).merge_and_unload()
+    if cfg.finetune in ("full", "projector"):
+        proj_only = cfg.finetune == "projector"
+        set_trainable(
+            model,
+            spec,
+            vision=cfg.train_vision and not proj_only,
+            projector=cfg.train_projector or proj_only,
+            language=cfg.train_language and not proj_only,
+        )
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model, processor
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if quant != "none":
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if adapter_init is not None and quant != "none":
+        model = PeftModel.from_pretrained(model, adapter_init, is_trainable=True)
+    else:
+        model = get_peft_model(model, lora_config(cfg, model, spec))
+    return model, processor
+
+
+def make_optimizer(cfg: RunConfig, model):
+    """AdamW with a separate learning rate for projector and embeddings (when set)."""
+    if cfg.projector_learning_rate is None:
+        return None
+    spec = cfg.spec
+    special = tuple(m.split(".")[-1] for m in spec.family.projector_modules) + ("embed_tokens",)
+    fast, base = [], []
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            (fast if any(s in n for s in special) else base).append(p)
+    groups = [{"params": base, "lr": cfg.learning_rate}]
+    if fast:
+        groups.append({"params": fast, "lr": cfg.projector_learning_rate})
+    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+
+
+# -------------------------------------------------------------------------- callbacks
+
+
+def memory_now() -> dict[str, float]:
+    """GPU allocated / peak (GiB) on CUDA, process RSS (GiB) otherwise."""
+    gib = 2**30
+    if torch.cuda.is_available():
+        return {
+            "mem_allocated_gib": torch.cuda.memory_allocated() / gib,
+            "mem_peak_gib": torch.cuda.max_memory_allocated() / gib,
+            "mem_reserved_gib": torch.cuda.memory_reserved() / gib,
+        }
+    import psutil
+
+    return {"mem_rss_gib": psutil.Process().memory_info().rss / gib}
+
+
+def _metrics_callback(log: runs.MetricsLog):
+    from transformers import TrainerCallback
+
+    class MetricsToJsonl(TrainerCallback):
+        """Every log event (loss, lr, grad_norm, DPO rewards) + memory, one JSON line."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs:
+                log.write(
+                    {"step": state.global_step, "epoch": state.epoch, "time": time.time()}
+                    | {k: float(v) for k, v in logs.items() if isinstance(v, int | float)}
+                    | memory_now()
+                )
+
+    return MetricsToJsonl()
+
+
+# ------------------------------------------------------------------------- training
+
+
+def training_args(cfg: RunConfig, out: Path, n_train: int):
+    """TRL config (SFTConfig / DPOConfig) from the run configuration."""
+    from trl import DPOConfig, SFTConfig
+
+    common: dict[str, Any] = dict(
+        output_dir=str(out / "checkpoints"),
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        warmup_steps=cfg.warmup_ratio,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        gradient_checkpointing=False,  # applied in build_model (non-reentrant), before PEFT
+        bf16=_dtype(cfg) == torch.bfloat16,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        report_to="none",
+        remove_unused_columns=False,
+        dataloader_num_workers=cfg.dataloader_num_workers,
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=False,
+    )
+    if cfg.method == "sft":
+        # VLMs: no truncation inside the trainer (it would cut image tokens: "Image features
+        # and image tokens do not match"); vlmfit enforces max_length in preprocessing.
+        return SFTConfig(max_length=None, assistant_only_loss=True, **common)
+    return DPOConfig(beta=cfg.beta, max_length=None, precompute_ref_log_probs=False, **common)
+
+
+def build_trainer(cfg: RunConfig, model, processor, train_ds, eval_ds, out: Path, log):
+    from trl import DPOTrainer, SFTTrainer
+
+    args = training_args(cfg, out, len(train_ds))
+    optimizer = make_optimizer(cfg, model)
+    kwargs: dict[str, Any] = dict(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=processor,
+        callbacks=[_metrics_callback(log)],
+    )
+    if optimizer is not None:
+        kwargs["optimizers"] = (optimizer, None)
+    if cfg.method == "sft":
+        return SFTTrainer(**kwargs)
+    return DPOTrainer(**kwargs)  # PEFT model + no ref_model: reference = adapter disabled
+
+
+def save_model(model, processor, out: Path) -> Path:
+    """The adapter in PEFT's standard format (or the full model), plus the processor."""
+    target = out / "adapter"
+    tmp = out / ".adapter.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
+    return target
+
+
+def run(cfg: RunConfig, origin: dict[str, str] | None = None, *, progress: bool = True):
+    """Train (SFT or DPO), evaluate before/after, write the run folder; returns the summary."""
+    from vlmfit import evaluate as ev
+
+    validate(cfg)
+    out = runs.run_dir(cfg.runs_dir, cfg.run_id)
+    if out.exists() and not cfg.resume:
+        shutil.rmtree(out)  # a fresh run of the same id replaces the old one
+    out.mkdir(parents=True, exist_ok=True)
+    runs.write_json(out / "config.json", {"config": cfg.to_dict(), "origin": origin or {}})
+    runs.write_json(out / "environment.json", runs.environment())
+    log = runs.MetricsLog(out / "metrics.jsonl")
+
+    # Data first: bad data or DPO on non-preference data fails before the model loads.
+    train_records = load_training_records(cfg.data, preference=cfg.method == "dpo")
+    eval_records = (
+        load_training_records(cfg.eval_data, preference=False) if cfg.eval_data else []
+    )
+    if cfg.eval_limit:
+        eval_records = eval_records[: cfg.eval_limit]
+    rows = to_dpo_rows(train_records) if cfg.method == "dpo" else to_sft_rows(train_records)
+    train_ds = to_dataset(rows)
+    pref_eval = [r for r in eval_records if r.is_preference]
+    eval_ds = to_dataset(to_dpo_rows(pref_eval)) if cfg.method == "dpo" and pref_eval else None
+
+    torch.manual_seed(cfg.seed)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
+    model, processor = build_model(cfg)
+    load_s = time.time() - t0
+    trainable = _trainable(model)
+
+    before = ev.evaluate_generation(model, processor, eval_records, cfg, progress=progress)
+    trainer = build_trainer(cfg, model, processor, train_ds, eval_ds, out, log)
+    resume_from = None
+    if cfg.resume:
+        ck = runs.last_checkpoint(out)
+        resume_from = str(ck) if ck else None
+    t1 = time.time()
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    train_s = time.time() - t1
+    save_model(trainer.model, processor, out)
+    after = ev.evaluate_generation(trainer.model, processor, eval_records, cfg, progress=progress)
+    dpo_eval = trainer.evaluate() if eval_ds is not None else {}
+
+    summary = {
+        "run": cfg.run_id,
+        "model": cfg.model,
+        "weights": cfg.weights,
+        "method": cfg.method,
+        "finetune": cfg.finetune,
+        "global_step": trainer.state.global_step,
+        "max_steps": trainer.state.max_steps,
+        "resumed_from": resume_from,
+        "train_loss": result.training_loss,
+        "runtime_s": train_s,
+        "load_s": load_s,
+        "train_samples": len(train_ds),
+        "trainable_params": trainable,
+        "peak_memory_gib": _peak_memory(log),
+        "device": runs.environment()["gpu"] or "cpu",
+        "eval_before": before["metrics"],
+        "eval_after": after["metrics"],
+        "dpo_eval": {k: float(v) for k, v in dpo_eval.items() if isinstance(v, int | float)},
+    }
+    runs.write_json(out / "eval.json", {"before": before, "after": after})
+    runs.write_json(out / "summary.json", summary)
+    return summary
+
+
+def _trainable(model) -> dict[str, int]:
+    total = sum(p.numel() for p in model.parameters())
+    train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"total": total, "trainable": train}
+
+
+def _peak_memory(log: runs.MetricsLog) -> float | None:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    vals = [r.get("mem_rss_gib") for r in log.read() if r.get("mem_rss_gib")]
+    return max(vals) if vals else None
+
+
+def merge_adapter(run: str | Path, out: str | Path, runs_dir: str = "runs") -> Path:
+    """Merge a run's LoRA adapter into its base model and save it for export."""
+    from peft import PeftModel
+
+    from vlmfit.models import load_model
+
+    rdir = Path(run) if Path(run).exists() else runs.run_dir(runs_dir, str(run))
+    cfg = RunConfig(**runs.read_json(rdir / "config.json")["config"])
+    full_init, _ = _init_source(cfg)
+    model, processor = load_model(cfg.spec, weights=cfg.weights, path=full_init)
+    merged = PeftModel.from_pretrained(model, rdir / "adapter").merge_and_unload()
+    out = Path(out)
+    merged.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def cli_train(argv: list[str]) -> int:
+    """``python -m vlmfit train --key value ...`` with RunConfig field names."""
+    parser = argparse.ArgumentParser(prog="vlmfit train", description=__doc__)
+    parser.add_argument("--merge", metavar="RUN", help="merge RUN's adapter into its base")
+    parser.add_argument("--out", help="output folder for --merge")
+    known, rest = parser.parse_known_args(argv)
+    if known.merge:
+        print(merge_adapter(known.merge, known.out or f"runs/{known.merge}/merged"))
+        return 0
+    overrides: dict[str, Any] = {}
+    it = iter(rest)
+    for tok in it:
+        if not tok.startswith("--"):
+            parser.error(f"unexpected argument {tok!r}")
+        key, _, val = tok[2:].partition("=")
+        overrides[key.replace("-", "_")] = val if _ else next(it)
+    try:
+        cfg, origin = resolve(overrides)
+    except ConfigError as e:
+        print(f"vlmfit train: configuration error: {e}")
+        return 2
+    summary = run(cfg, origin)
+    print({k: summary[k] for k in ("run", "global_step", "eval_before", "eval_after")})
+    return 0
+
+
+__all__ = ["run", "build_model", "to_dataset", "merge_adapter", "cli_train"]
