@@ -17,9 +17,10 @@
 ARG BASE_IMAGE=nvidia/cuda:13.0.2-base-ubuntu24.04
 FROM ${BASE_IMAGE}
 
-# cuda: install the lock as is (torch + nvidia-* + triton from PyPI).
-# cpu:  drop the nvidia-*/triton lines and take torch==2.13.0+cpu from
-#       TORCH_CPU_INDEX and/or a wheel directory mounted at WHEELS_DIR.
+# cuda: install the lock as is (torch + nvidia-* + triton + torchvision from PyPI).
+# cpu:  scripts/lock_filter.py --torch cpu drops nvidia-*/triton/torchvision (the
+#       same filter `make setup` uses); torch==2.13.0 then resolves to 2.13.0+cpu
+#       from TORCH_CPU_INDEX and/or a wheel directory mounted at WHEELS_DIR.
 ARG TORCH_VARIANT=cuda
 ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
 # Optional, build-time only (both empty by default; the test script mounts them
@@ -61,24 +62,20 @@ WORKDIR /workspace/vlmfit
 # runtime user cannot drift it away from the lock (pip install into it fails).
 # --no-deps: the lock is complete and already resolved for 3.11/3.12; pip only
 # evaluates its environment markers.
-COPY requirements.lock /tmp/requirements.lock
+COPY requirements.lock scripts/lock_filter.py /tmp/lock/
 RUN --mount=type=cache,target=/root/.cache/pip \
     set -eu; \
     if [ -n "${HOST_CA}" ]; then export PIP_CERT="${HOST_CA}"; fi; \
     python3 -m venv /opt/venv; \
-    req=/tmp/requirements.lock; extra=""; \
-    if [ "${TORCH_VARIANT}" = cpu ]; then \
-        grep -vE '^(nvidia-|triton)' /tmp/requirements.lock > /tmp/requirements.cpu.txt; \
-        req=/tmp/requirements.cpu.txt; \
-        if [ -n "${TORCH_CPU_INDEX}" ]; then extra="$extra --extra-index-url ${TORCH_CPU_INDEX}"; fi; \
-    elif [ "${TORCH_VARIANT}" != cuda ]; then \
-        echo "TORCH_VARIANT must be cuda or cpu, got '${TORCH_VARIANT}'" >&2; exit 1; \
-    fi; \
+    python3 /tmp/lock/lock_filter.py /tmp/lock/requirements.lock --torch "${TORCH_VARIANT}" \
+        > /opt/venv/requirements.installed.txt; \
+    extra=""; \
+    if [ "${TORCH_VARIANT}" = cpu ] && [ -n "${TORCH_CPU_INDEX}" ]; then extra="--extra-index-url ${TORCH_CPU_INDEX}"; fi; \
     if [ -n "${WHEELS_DIR}" ]; then extra="$extra --find-links ${WHEELS_DIR}"; fi; \
-    /opt/venv/bin/pip install --no-deps --only-binary=:all: --progress-bar off $extra -r "$req"; \
-    cp "$req" /opt/venv/requirements.installed.txt; \
+    /opt/venv/bin/pip install --no-deps --only-binary=:all: --progress-bar off $extra \
+        -r /opt/venv/requirements.installed.txt; \
     echo "${TORCH_VARIANT}" > /opt/venv/TORCH_VARIANT; \
-    rm -f /tmp/requirements.lock /tmp/requirements.cpu.txt
+    rm -rf /tmp/lock
 
 # Source layer (cheap): the repo, owned by the runtime user, then the package
 # itself in editable mode. --no-build-isolation builds with the lock's pinned

@@ -17,7 +17,7 @@ WEIGHTS ?= hub#                 hub | random (published architecture, random wei
 DATA ?= data/shapes/sft_train.json#  any supported format; default: the bundled dataset
 EVAL_DATA ?= data/shapes/sft_test.json
 DPO_DATA ?= data/shapes/dpo_train.json
-DPO_EVAL_DATA ?= data/shapes/dpo_test.json
+PREF_EVAL_DATA ?= data/shapes/dpo_test.json
 RUN ?=#                         run id (default: <method>-<model>)
 FINETUNE ?= lora#               lora | qlora | full | projector
 MAX_IMAGE_TOKENS ?= none#       visual-token budget per image (none: processor default)
@@ -112,7 +112,7 @@ sft: env data ## Supervised fine-tuning (TRL SFTTrainer) of MODEL on DATA; repor
 
 dpo: env data ## DPO (TRL DPOTrainer) from the SFT run's adapter (INIT=<run>) on DPO_DATA; report
 	$(NB) notebooks/dpo.ipynb --name $(call run_id,dpo) --reports $(REPORTS) \
-	  -p model $(MODEL) -p weights $(WEIGHTS) -p data $(DPO_DATA) -p eval_data $(DPO_EVAL_DATA) \
+	  -p model $(MODEL) -p weights $(WEIGHTS) -p data $(DPO_DATA) -p eval_data $(EVAL_DATA) -p preference_eval_data $(PREF_EVAL_DATA) \
 	  -p run $(call run_id,dpo) -p init_adapter $(if $(INIT),$(INIT),sft-$(MODEL)) \
 	  -p max_steps $(MAX_STEPS) -p resume $(RESUME) $(param_args)
 

@@ -138,40 +138,44 @@ RUNUSER=$("${B[@]}" inspect --format '{{.OCIv1.Config.User}}' "$IMAGE")
 run_in() { "${B[@]}" run --isolation chroot --network host --user "$RUNUSER" --workingdir "$WORKDIR" "$CTR" -- "$@"; }
 
 cat >"$CACHE_DIR/check_lock.py" <<'PY'
-"""Installed distributions must equal the pins of requirements.lock that apply here."""
-import re, sys
+"""Installed distributions == the pins of requirements.lock that apply here.
+
+Uses the repo's scripts/lock_filter.py (the filter the Dockerfile installed with)
+and evaluates each pin's environment marker in the image's interpreter.
+"""
+import sys
 from importlib.metadata import distributions
-from packaging.markers import Marker
+from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
+sys.path.insert(0, "scripts")
+from lock_filter import filtered  # noqa: E402
+
 lock, variant = sys.argv[1], sys.argv[2]
 want = {}
-for line in open(lock):
-    line = line.strip()
-    if not line or line.startswith("#"):
-        continue
-    if variant == "cpu" and re.match(r"(nvidia-|triton)", line):
-        continue
-    spec, _, marker = line.partition(";")
-    if marker.strip() and not Marker(marker.strip()).evaluate():
-        continue
-    name, ver = spec.split("==")
-    want[canonicalize_name(name.strip())] = ver.strip()
+for line in filtered(open(lock).read(), variant):
+    req = Requirement(line)
+    if req.marker is None or req.marker.evaluate():
+        (spec,) = req.specifier
+        want[canonicalize_name(req.name)] = spec.version
 have = {canonicalize_name(d.metadata["Name"]): d.version for d in distributions()}
 bad = []
 for name, ver in sorted(want.items()):
     got = have.get(name)
-    # CPU torch carries a local label (2.13.0+cpu) that the lock pin matches
-    if got is None or Version(got).public != Version(ver).public or (
-        Version(got).local and variant != "cpu"):
+    # CPU torch carries a local label (2.13.0+cpu) that the `==2.13.0` pin matches
+    ok = got is not None and Version(got).public == Version(ver).public
+    if ok and Version(got).local and not (variant == "cpu" and name == "torch"):
+        ok = False
+    if not ok:
         bad.append(f"{name}: lock {ver}, installed {got}")
 extra = sorted(set(have) - set(want) - {"pip", "vlmfit"})
 bad += [f"{n}: installed {have[n]} but not in the lock" for n in extra]
-print(f"{len(want)} lock pins checked, {len(have)} distributions installed")
+print(f"{len(want)} lock pins apply here ({variant}); {len(have)} distributions installed")
 if bad:
     print("MISMATCH:\n  " + "\n  ".join(bad))
     sys.exit(1)
+print("all equal to the lock")
 PY
 cat >"$CACHE_DIR/test_smoke_image.py" <<'PY'
 """Smoke test of the image itself (lives in /tmp of the test container, not in the repo)."""

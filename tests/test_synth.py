@@ -45,9 +45,10 @@ def qa(record: dict[str, Any]) -> tuple[str, str]:
 
 def foreground(img: np.ndarray) -> np.ndarray:
     """Mask of the pixels that differ clearly from the background (the most common colour)."""
-    flat = img.reshape(-1, 3)
-    colours, counts = np.unique(flat, axis=0, return_counts=True)
-    bg = colours[counts.argmax()].astype(int)
+    flat = img.reshape(-1, 3).astype(np.int64)
+    packed = (flat[:, 0] << 16) | (flat[:, 1] << 8) | flat[:, 2]
+    mode = int(np.bincount(packed).argmax())
+    bg = np.array([mode >> 16, (mode >> 8) & 255, mode & 255])
     assert bg[0] == bg[1] == bg[2], "background is grey"
     return np.abs(img.astype(int) - bg).max(axis=-1) > 40
 
@@ -120,6 +121,15 @@ def test_render_encodes_the_spec() -> None:
                 assert read_answer(np.asarray(img), qtype) == answer, (qtype, answer, size)
 
 
+def test_dense_count_scenes_always_fit() -> None:
+    """Three big triangles may not fit after an unlucky start: sampling restarts, never hangs."""
+    import random
+
+    for seed in range(300):
+        spec = synth.sample_spec(random.Random(seed), "count", "three")
+        assert len(spec["shapes"]) == 3
+
+
 # --- generated folder ---------------------------------------------------------------------------
 
 
@@ -184,8 +194,8 @@ def test_balanced(default_data: tuple[Path, dict[str, Any]], name: str) -> None:
 
 def test_answers_match_the_images(default_data: tuple[Path, dict[str, Any]]) -> None:
     out, _meta = default_data
-    for name in SPLIT_FILES:
-        for r in load(out, name):
+    for name in SPLIT_FILES:  # every test sample, and the first 120 of each train split
+        for r in load(out, name)[:120]:
             qtype, answer = qa(r)
             with Image.open(out / r["images"][0]) as img:
                 pixels = np.asarray(img.convert("RGB"))

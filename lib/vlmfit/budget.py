@@ -464,9 +464,9 @@ def image_sequence_tokens(
     split image, rows x cols: each tile ``<fake_token_around_image><row_i_col_j>`` + T x
     ``<image>`` (T + 2), a ``\\n`` after each row, then ``\\n<fake_token_around_image>
     <global-img>`` + T x ``<image>`` + ``<fake_token_around_image>`` (T + 3). The last row's
-    ``\\n`` and the global's ``\\n`` form ``\\n\\n``: one token if the BPE merges it (assumed for
-    SmolLM2, not checked offline;
-    ``merges_double_newline=True``), two otherwise (tokenizers without that merge).
+    ``\\n`` and the global's ``\\n`` form ``\\n\\n``: one token if the BPE merges it
+    (``merges_double_newline=True``; assumed for SmolLM2, not checked offline), two
+    otherwise (tokenizers without that merge).
     Single tile: ``<fake><global-img>`` + T + ``<fake>`` = T + 3.
     """
     if spec.is_qwen:

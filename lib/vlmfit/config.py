@@ -26,6 +26,7 @@ class RunConfig:
     method: Literal["sft", "dpo"] = "sft"
     data: str = "data/shapes/sft_train.json"  # any supported format (vlmfit.data.formats)
     eval_data: str | None = "data/shapes/sft_test.json"  # held-out split for generation eval
+    preference_eval_data: str | None = None  # DPO: held-out pairs for reward accuracy / margins
     run: str | None = None  # run id: runs/<run>/ (default: <method>-<model>)
     runs_dir: str = "runs"
     init_adapter: str | None = None  # DPO: start from this SFT run's adapter (run id or folder)

@@ -124,18 +124,26 @@ def set_trainable(model, spec: ModelSpec, *, vision: bool, projector: bool, lang
             params[n].requires_grad_(wanted[group])
 
 
-def lora_targets(model, spec: ModelSpec, *, vision: bool = False) -> list[str]:
-    """Full module names of the linear layers LoRA goes on (language model; + vision tower)."""
+def lora_targets(
+    model, spec: ModelSpec, *, language: bool = True, vision: bool = False, projector: bool = False
+) -> list[str]:
+    """Full module names of the linear layers LoRA goes on, per module group.
+
+    The projector gets LoRA on its linear layers rather than PEFT's ``modules_to_save``:
+    wrapping the projector module changes its class, and transformers 5 records the
+    vision tower's output by module class (Qwen's merger), which the wrapper breaks.
+    """
     pattern = re.compile(spec.family.lora_target_regex)
-    names = [n for n, m in model.named_modules() if pattern.fullmatch(n)]
-    if vision:
-        vis = tuple(spec.family.vision_modules)
-        proj = tuple(spec.family.projector_modules)
-        names += [
-            n
-            for n, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and n.startswith(vis) and not n.startswith(proj)
-        ]
+    names = [n for n, m in model.named_modules() if pattern.fullmatch(n)] if language else []
+    vis = tuple(spec.family.vision_modules)
+    proj = tuple(spec.family.projector_modules)
+    for n, m in model.named_modules():
+        if not isinstance(m, torch.nn.Linear):
+            continue
+        if projector and n.startswith(proj):
+            names.append(n)
+        elif vision and n.startswith(vis) and not n.startswith(proj):
+            names.append(n)
     if not names:
         raise ValueError(f"no LoRA target modules found for {spec.name}")
     return names

@@ -28,7 +28,7 @@ from typing import Any
 from vlmfit.registry import CONFIG_DIR, Family, ModelSpec
 
 # Bump when the tiny builders change: cached tiny models are rebuilt.
-TINY_VERSION = "3"
+TINY_VERSION = "4"
 TINY_HIDDEN = int(os.environ.get("VLMFIT_TINY_HIDDEN", 128))  # width of tiny models
 DEFAULT_CACHE = Path(os.environ.get("VLMFIT_CACHE", Path.home() / ".cache" / "vlmfit"))
 
@@ -181,13 +181,13 @@ def tiny_config(spec: ModelSpec, tokenizer):
     text["rope_parameters"] = {"rope_type": "default", "mrope_section": sections, "rope_theta": 1e6}
     if fam.name == "qwen2_vl":
         vision = dict(
-            depth=2, embed_dim=64, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14,
+            depth=2, embed_dim=64, hidden_size=TINY_HIDDEN, num_heads=4, mlp_ratio=2, patch_size=14,
             spatial_merge_size=2, temporal_patch_size=2, in_chans=3,
         )  # fmt: skip
         cls = transformers.Qwen2VLConfig
     else:
         vision = dict(
-            depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=64,
+            depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=TINY_HIDDEN,
             patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_chans=3,
             window_size=56, fullatt_block_indexes=[1],
         )  # fmt: skip
@@ -257,6 +257,7 @@ def random_config(spec: ModelSpec, tokenizer):
     cfg.setdefault("text_config", {}).update(
         {k: ids[k] for k in ("pad_token_id", "bos_token_id", "eos_token_id")}
     )
+    cfg.pop("_source", None)
     model_type = cfg.pop("model_type")
     return transformers.AutoConfig.for_model(model_type, **cfg)
 

@@ -97,18 +97,18 @@ def lora_config(cfg: RunConfig, model, spec):
 
     from vlmfit.models import lora_targets
 
-    targets = lora_targets(model, spec, vision=cfg.train_vision) if cfg.train_language else []
-    if not cfg.train_language and cfg.train_vision:
-        targets = [t for t in lora_targets(model, spec, vision=True) if "language" not in t]
-    modules_to_save = list(spec.family.projector_modules) if cfg.train_projector else None
-    if modules_to_save:
-        modules_to_save = [m.split(".")[-1] for m in modules_to_save]
+    targets = lora_targets(
+        model,
+        spec,
+        language=cfg.train_language,
+        vision=cfg.train_vision,
+        projector=cfg.train_projector,
+    )
     return LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
-        target_modules=targets or None,
-        modules_to_save=modules_to_save,
+        target_modules=targets,
         use_dora=cfg.use_dora,
         use_rslora=cfg.use_rslora,
         init_lora_weights="gaussian" if cfg.init_lora_weights == "gaussian" else True,
@@ -328,8 +328,10 @@ def run(cfg: RunConfig, origin: dict[str, str] | None = None, *, progress: bool 
         eval_records = eval_records[: cfg.eval_limit]
     rows = to_dpo_rows(train_records) if cfg.method == "dpo" else to_sft_rows(train_records)
     train_ds = to_dataset(rows)
-    pref_eval = [r for r in eval_records if r.is_preference]
-    eval_ds = to_dataset(to_dpo_rows(pref_eval)) if cfg.method == "dpo" and pref_eval else None
+    eval_ds = None
+    if cfg.method == "dpo" and cfg.preference_eval_data:
+        pref_eval = load_training_records(cfg.preference_eval_data, preference=True)
+        eval_ds = to_dataset(to_dpo_rows(pref_eval[: cfg.eval_limit] if cfg.eval_limit else pref_eval))
 
     torch.manual_seed(cfg.seed)
     if torch.cuda.is_available():

@@ -195,7 +195,11 @@ def sample_spec(rng: random.Random, qtype: str, answer: str) -> dict[str, Any]:
         n = ANSWERS["count"].index(answer) + 1
         kind, colour = rng.choice(kinds), rng.choice(colours)
         shapes = []
+        attempts = 0
         while len(shapes) < n:
+            attempts += 1
+            if attempts > 50:  # the first shapes left no room: start the scene again
+                shapes, attempts = [], 0
             area = _AREA_COUNT * (1 + rng.uniform(-_AREA_JITTER, _AREA_JITTER))
             size = (area / _FILL[kind]) ** 0.5
             cx, cy = _free_centre(rng, size), _free_centre(rng, size)

@@ -1,0 +1,89 @@
+"""The embedded default: the whole vlmfit pipeline offline on CPU, in minutes.
+
+    make demo            (or: python scripts/demo.py)
+
+1. generates the bundled shapes dataset (data/shapes, deterministic),
+2. preprocesses it for a tiny SmolVLM-architecture model (data report),
+3. SFT of that tiny model (full fine-tuning: it starts from random weights),
+4. DPO with a LoRA adapter on top of the SFT model (reference = adapter disabled),
+5. writes reports/index.html linking every report, and prints the figures:
+   held-out exact match before SFT, after SFT, after DPO (stored in each run's
+   summary.json).
+
+Deterministic under --seed. Hyper-parameters below were chosen so that held-out
+exact match rises from chance to >= 0.9 within the time budget on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+MODEL = "tiny-smolvlm"
+SFT = {
+    "finetune": "full",
+    "num_train_epochs": 4,
+    "learning_rate": 2e-3,
+    "per_device_train_batch_size": 8,
+    "extra": {"train_vision": True, "train_projector": True, "gradient_checkpointing": False},
+}
+DPO = {
+    "finetune": "lora",
+    "num_train_epochs": 1,
+    "learning_rate": 5e-4,
+    "per_device_train_batch_size": 8,
+    "extra": {"lora_r": 16, "lora_alpha": 32, "gradient_checkpointing": False},
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--reports", default="reports")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default=MODEL)
+    a = p.parse_args(argv)
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo never touches a hub
+    from vlmfit import nbrun
+    from vlmfit.data import synth
+
+    t0 = time.time()
+    meta = synth.generate("data/shapes", seed=a.seed)
+    print(f"[demo] dataset data/shapes: {meta['status']}")
+    common = {"model": a.model, "weights": "hub", "seed": a.seed}
+    steps = [
+        ("preprocess.ipynb", f"preprocess-{a.model}", {"data": "data/shapes/sft_train.json", "model": a.model}),
+        ("sft.ipynb", f"sft-{a.model}", {**common, **SFT}),
+        ("dpo.ipynb", f"dpo-{a.model}", {**common, **DPO, "init_adapter": f"sft-{a.model}"}),
+    ]
+    for nb, name, params in steps:
+        t = time.time()
+        print(f"[demo] {nb} -> {a.reports}/{name}.html", flush=True)
+        nbrun.run_notebook(Path("notebooks") / nb, name, params, a.reports, progress=False)
+        print(f"[demo]   done in {time.time() - t:.0f} s", flush=True)
+    index = nbrun.write_index(a.reports)
+
+    sft = json.loads(Path(f"runs/sft-{a.model}/summary.json").read_text())
+    dpo = json.loads(Path(f"runs/dpo-{a.model}/summary.json").read_text())
+    before = sft["eval_before"]["exact_match"]
+    after_sft = sft["eval_after"]["exact_match"]
+    after_dpo = dpo["eval_after"]["exact_match"]
+    print()
+    print(f"[demo] held-out exact match ({sft['eval_after']['n']} samples, chance 1/3 per type):")
+    print(f"[demo]   before SFT  {before:.3f}")
+    print(f"[demo]   after SFT   {after_sft:.3f}   per type {sft['eval_after']['by_type']}")
+    print(f"[demo]   after DPO   {after_dpo:.3f}   reward accuracy "
+          f"{dpo['dpo_eval'].get('eval_rewards/accuracies', float('nan')):.3f}")
+    print(f"[demo] reports: {index}  ({time.time() - t0:.0f} s in all)")
+    ok = after_sft >= 0.9 and after_dpo >= after_sft - 1e-9
+    if not ok:
+        print("[demo] WARNING: the demo's targets (>= 0.9 after SFT, DPO not lower) were not met")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
