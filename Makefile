@@ -20,7 +20,7 @@ DPO_DATA ?= data/shapes/dpo_train.json
 PREF_EVAL_DATA ?= data/shapes/dpo_test.json
 RUN ?=#                         run id (default: <method>-<model>)
 FINETUNE ?= lora#               lora | qlora | full | projector
-MAX_IMAGE_TOKENS ?= none#       visual-token budget per image (none: processor default)
+MAX_IMAGE_TOKENS ?= 0#       visual-token budget per image (none: processor default)
 MAX_STEPS ?= -1
 EPOCHS ?= 1
 RESUME ?= 0#                    1: continue RUN from its last checkpoint
@@ -95,7 +95,7 @@ data: env ## Generate the bundled shapes dataset into data/shapes (deterministic
 
 preprocess: env data ## Validate DATA, put images on MODEL's visual-token budget, data report
 	$(NB) notebooks/preprocess.ipynb --name preprocess-$(MODEL) --reports $(REPORTS) \
-	  -p data $(DATA) -p model $(MODEL) -p max_image_tokens $(MAX_IMAGE_TOKENS) $(param_args)
+	  -p data $(DATA) -p model $(MODEL) -p weights $(WEIGHTS) -p max_image_tokens $(MAX_IMAGE_TOKENS) $(param_args)
 
 profile: env data ## Measure memory and speed of MODEL's training step (memory ladder report)
 	$(NB) notebooks/profile.ipynb --name profile-$(MODEL) --reports $(REPORTS) \

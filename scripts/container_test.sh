@@ -75,7 +75,12 @@ phase_end
 
 CTR=""
 cleanup() {
+    local rc=$?
     if [ -n "$CTR" ]; then "${B[@]}" rm "$CTR" >/dev/null 2>&1 || true; fi
+    if [ "$rc" -ne 0 ]; then
+        echo "== container_test FAILED (rc=$rc) in phase [$PHASE] after $(( $(date +%s) - T0 ))s =="
+        [ "${#PHASES[@]}" -gt 0 ] && printf '  %s\n' "${PHASES[@]}"
+    fi
 }
 trap cleanup EXIT
 

@@ -86,6 +86,9 @@ def test_make_default_goal_is_help():
 
 
 def test_lib_is_not_ignored_by_git():
+    inside = subprocess.run(["git", "rev-parse", "--is-inside-work-tree"], cwd=ROOT, capture_output=True)
+    if inside.returncode != 0:
+        pytest.skip("not a git checkout (the container image excludes .git)")
     r = subprocess.run(
         ["git", "check-ignore", "-q", "lib/vlmfit/__init__.py"], cwd=ROOT, capture_output=True
     )

@@ -23,6 +23,7 @@ COMMANDS = {
     "notebook": ("vlmfit.nbrun", "cli_notebook"),
     "train": ("vlmfit.train", "cli_train"),
     "index": ("vlmfit.nbrun", "cli_index"),
+    "preprocess": ("vlmfit.preprocess", "cli_preprocess"),
 }
 
 

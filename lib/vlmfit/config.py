@@ -65,6 +65,7 @@ class RunConfig:
     max_image_tokens: int | None = None
     max_length: int = 2048  # tokens per sample, text + visual, after the chat template
     overlength: Literal["drop", "shrink"] = "drop"
+    processor_kwargs: dict[str, Any] = field(default_factory=dict)  # from preprocessing's manifest
     # Evaluation
     eval_max_new_tokens: int = 16
     eval_limit: int | None = None  # evaluate on the first N held-out samples

@@ -64,11 +64,13 @@ def load_model(
     attn_implementation: str | None = "sdpa",
     device: str | torch.device | None = None,
     path: str | Path | None = None,
+    processor_kwargs: dict[str, Any] | None = None,
 ):
-    """Load (or build) the model and its processor."""
+    """Load (or build) the model and its processor (``processor_kwargs``: image settings)."""
     source, revision = (path, None) if path else resolve_source(spec, weights)
     cls = getattr(transformers, spec.family.model_class)
-    processor = load_processor(source, spec.family.name, **({"revision": revision} if revision else {}))
+    rev = {"revision": revision} if revision else {}
+    processor = load_processor(source, spec.family.name, processor_kwargs, **rev)
     kwargs: dict[str, Any] = {"dtype": dtype}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation

@@ -23,6 +23,9 @@ def has_torchvision() -> bool:
 class Qwen2VLImageOnlyProcessor(Qwen2VLProcessor):
     """Qwen2-VL / Qwen2.5-VL processor without a video processor (no torchvision)."""
 
+    attributes = ["image_processor", "tokenizer"]  # older 5.x releases read this list
+    video_processor_class = None
+
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
         self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
@@ -44,10 +47,24 @@ def qwen_image_only(image_processor, tokenizer, chat_template=None) -> Qwen2VLIm
     return Qwen2VLImageOnlyProcessor(image_processor, tokenizer, chat_template=chat_template)
 
 
-def load_processor(path: str | Path, family: str, **kwargs):
-    """``AutoProcessor.from_pretrained`` with the image-only fallback for Qwen."""
+def load_processor(
+    path: str | Path, family: str, image_kwargs: dict | None = None, **kwargs
+):
+    """``AutoProcessor.from_pretrained`` with the image-only fallback for Qwen.
+
+    ``image_kwargs`` override the image processor's settings (the visual-token budget
+    from preprocessing: Qwen ``min_pixels`` / ``max_pixels``, Idefics3 ``size``...).
+    """
     if family.startswith("qwen") and not has_torchvision():
         tok = transformers.AutoTokenizer.from_pretrained(path, **kwargs)
-        ip = transformers.AutoImageProcessor.from_pretrained(path, **kwargs)
+        # AutoImageProcessor itself needs torchvision in some 5.x releases: name the PIL class.
+        ip = transformers.Qwen2VLImageProcessorPil.from_pretrained(
+            path, **kwargs, **(image_kwargs or {})
+        )
         return qwen_image_only(ip, tok, chat_template=getattr(tok, "chat_template", None))
-    return transformers.AutoProcessor.from_pretrained(path, **kwargs)
+    processor = transformers.AutoProcessor.from_pretrained(path, **kwargs)
+    if image_kwargs:
+        processor.image_processor = transformers.AutoImageProcessor.from_pretrained(
+            path, **kwargs, **image_kwargs
+        )
+    return processor

@@ -28,7 +28,7 @@ from typing import Any
 from vlmfit.registry import CONFIG_DIR, Family, ModelSpec
 
 # Bump when the tiny builders change: cached tiny models are rebuilt.
-TINY_VERSION = "4"
+TINY_VERSION = "7"
 TINY_HIDDEN = int(os.environ.get("VLMFIT_TINY_HIDDEN", 128))  # width of tiny models
 DEFAULT_CACHE = Path(os.environ.get("VLMFIT_CACHE", Path.home() / ".cache" / "vlmfit"))
 
@@ -202,6 +202,24 @@ def tiny_config(spec: ModelSpec, tokenizer):
     )
 
 
+def _strong_positions(model, std: float = float(os.environ.get("VLMFIT_TINY_POS_STD", 1.0))):
+    """Give a tiny vision tower position embeddings on the scale of its patch embeddings.
+
+    At the usual init (std 0.02) a 2-layer random ViT's outputs say *what* is in a patch
+    but hardly *where*, and a 2-layer language model cannot recover "where" from
+    attention scores alone (RoPE moves scores, not values): position questions then stay
+    at chance. Pretrained towers carry strong position signals; this gives the tiny one
+    the same property. Families with rotary vision positions (Qwen) are left alone.
+    """
+    import torch
+
+    emb = getattr(getattr(getattr(model, "model", None), "vision_model", None), "embeddings", None)
+    pos = getattr(emb, "position_embedding", None)
+    if isinstance(pos, torch.nn.Embedding) and std > 0:
+        with torch.no_grad():
+            pos.weight.normal_(0.0, std)
+
+
 def _atomic_save(build, out: Path) -> Path:
     """Run ``build(tmpdir)`` then rename into place, so a killed build leaves nothing half-made."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -236,6 +254,7 @@ def ensure_tiny(name: str, cache_dir: str | Path | None = None, seed: int = 0) -
         config = tiny_config(spec, processor.tokenizer)
         torch.manual_seed(seed)
         model = getattr(transformers, spec.family.model_class)(config)
+        _strong_positions(model)
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         (tmp / "vlmfit_tiny.json").write_text(json.dumps({"name": name, "seed": seed}))

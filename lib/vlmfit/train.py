@@ -79,6 +79,18 @@ def to_dataset(rows: list[dict[str, Any]]):
     return datasets.Dataset.from_list(rows)
 
 
+def use_preprocessed(cfg: RunConfig, result) -> RunConfig:
+    """Train on a preprocessing result: its cached records and its processor settings.
+
+    Idefics3 applies the visual-token budget through the processor (``size``); Qwen's
+    pre-resized images are a fixed point of its own resize, with ``max_pixels`` as guard.
+    """
+    cfg.data = str(result.records_path)
+    manifest = runs.read_json(Path(result.path) / "manifest.json")
+    cfg.processor_kwargs = dict(manifest.get("processor_kwargs") or {})
+    return cfg
+
+
 # ---------------------------------------------------------------------------- model
 
 
@@ -143,12 +155,14 @@ def build_model(cfg: RunConfig):
     full_init, adapter_init = _init_source(cfg)
     quant = "nf4" if cfg.finetune == "qlora" else "none"
     model, processor = load_model(
-        spec, weights=cfg.weights, dtype=dtype, quantization=quant, device=_device(), path=full_init
+        spec,
+        weights=cfg.weights,
+        dtype=dtype,
+        quantization=quant,
+        device=_device(),
+        path=full_init,
+        processor_kwargs=cfg.processor_kwargs,
     )
-    if full_init is not None:  # processor of the run we start from (same tokenizer)
-        from vlmfit.procs import load_processor
-
-        processor = load_processor(full_init, spec.family.name)
     if adapter_init is not None and quant == "none":
         # Fold the SFT adapter into the weights: DPO's reference (adapter disabled) is then
         # the SFT model, as DPO intends, with no second copy of the weights.

@@ -1,0 +1,1286 @@
+"""Training memory: predict it (``estimate``), pick a config that fits (``plan``), measure it
+(``profile_steps``, ``ladder``).
+
+The estimator is arithmetic on the published architecture (``vlmfit/configs/*.json``, or a
+tiny model's saved config): parameter counts per module group, bytes per parameter for
+weights / gradients / optimizer states, and bytes per token (language model, logits) and
+per patch (vision tower) for activations. All sizes are GiB (2**30 bytes). It predicts
+``torch.cuda.max_memory_allocated()`` of one training step; ``Estimate.device_gib`` adds
+the CUDA context and allocator slack, i.e. what must fit on the card.
+
+Where a training step's peak comes from (bf16 LoRA, gradient checkpointing, micro-batch 1):
+the frozen bf16 weights, then per token the loss over the vocabulary (the logits in bf16,
+their fp32 upcast and log-probabilities, and two fp32 gradients: ~14 bytes x vocab per
+token, 2.1 MB for Qwen's 152k vocabulary), one bf16 checkpoint per layer per token, and,
+while autograd tracks the frozen vision tower (``enable_input_require_grads``), one bf16
+checkpoint per vision block per patch (4 patches per Qwen visual token).
+
+Calibration (Qwen2.5-VL-7B, random weights, one H100, ``shared/reference/architectures.md``;
+256 text tokens + one square image; ``python -m vlmfit plan`` reproduces the left column)::
+
+    case                                          estimate   measured   error
+    bf16 LoRA r16, GC, mb1, 448 px (256 vt)        17.2 GiB   17.3 GiB    -1 %
+    bf16 LoRA r16, GC, mb1, 1000 px (1296 vt)      19.7 GiB   19.9 GiB    -1 %
+    bf16 LoRA r16, GC, mb1, 2000 px (5041 vt)      28.7 GiB   29.5 GiB    -3 %
+    bf16 LoRA r16, GC, mb4, 1000 px                30.6 GiB   31.7 GiB    -4 %
+    bf16 LoRA r16, GC, mb8, 1000 px                45.5 GiB   47.2 GiB    -4 %
+    + vision tower without autograd, mb1, 1000 px  19.3 GiB   19.5 GiB    -1 %
+    + vision tower without autograd, mb4, 1000 px  29.1 GiB   29.7 GiB    -2 %
+    weights alone, bf16                            15.4 GiB   15.5 GiB    -0 %
+    SmolVLM-256M bf16 LoRA, 1000 px split, mb1/4   1.7/4.9    1.9/5.9   -11/-17 %
+    SmolVLM-256M bf16 LoRA, 1000 px no split, mb1/4 0.8/1.4   0.85/1.6   -6/-11 %
+
+(``tests/test_memory.py`` holds these rows with their tolerances; the table in the final
+report of the memory work lists them too.) The textbook QLoRA rows are NOT fitted:
+``finetune="qlora"`` models what is understood (NF4 weights for the language model's
+linear layers, ``prepare_model_for_kbit_training`` upcasting every other weight to fp32,
+which makes the residual stream, the vision tower and the logits fp32); the measured
+QLoRA peaks are 1.3-3x higher than that (18.3 / 48.6 GiB measured for Qwen2.5-VL-7B at
+448 / 1000 px), an excess the reference itself calls unexplained. ``plan`` therefore adds
+the measured excess as an explicit, documented penalty (``QLORA_EXCESS``) and ranks
+QLoRA below bf16 LoRA whenever both fit.
+
+Approximate by construction: attention is assumed memory-efficient (SDPA / flash: no
+sequence x sequence matrices), activations are counted for the phase that peaks (the
+loss, or one recomputed layer during backward), and allocator fragmentation is a flat
+allowance. Expect +-15 % on bf16 LoRA; treat QLoRA and full fine-tuning as rougher.
+
+Usage::
+
+    >>> from vlmfit import memory
+    >>> e = memory.estimate("qwen2.5-vl-7b", image_size=(1000, 1000))
+    >>> round(e.peak_gib)                              # doctest: +SKIP
+    20
+    >>> print(e.table())                               # breakdown in GiB  # doctest: +SKIP
+    >>> memory.plan("qwen2.5-vl-7b", 24, text_tokens=256, image_size=(1000, 1000))[0]
+    ...                                                # doctest: +SKIP
+
+Command line::
+
+    python -m vlmfit plan --model qwen2.5-vl-7b --gpu-gib 80 --image 1000x1000 --text-tokens 256
+
+Measured (builds the model with ``vlmfit.train.build_model``; tiny models on CPU, full-size
+``weights="random"`` architectures on a GPU)::
+
+    from vlmfit.config import RunConfig
+    rows = memory.ladder(RunConfig(model="smolvlm", weights="random"),
+                         [{}, {"vision_no_grad": True}, {"per_device_train_batch_size": 4}])
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import gc
+import json
+import math
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from vlmfit import registry
+from vlmfit.budget import Budget, image_sequence_tokens, image_tokens
+from vlmfit.registry import CONFIG_DIR, ModelSpec
+
+GIB = 2**30
+
+# ---------------------------------------------------------------------------------------------
+# Constants (bytes unless named otherwise). Derivations in the comments; the two marked
+# "calibrated" were fitted to the measured H100 rows in the module docstring.
+# ---------------------------------------------------------------------------------------------
+
+#: bytes per parameter of a weight by dtype.
+DTYPE_BYTES: dict[str, int] = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+#: NF4 with double quantization (bitsandbytes): 4 bits per weight, one 8-bit absmax per block
+#: of 64 weights, one fp32 constant per 256 absmax values (plus a negligible offset).
+NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
+
+#: Optimizer state bytes per trainable parameter, for fp32 parameters (LoRA adapters are fp32:
+#: PEFT's ``autocast_adapter_dtype``). torch's AdamW keeps exp_avg and exp_avg_sq in the
+#: parameter's dtype, so bf16 full fine-tuning has 2 x 2 bytes.
+OPTIMIZER_STATES: dict[str, int] = {"adamw": 2, "sgd": 0, "adamw8bit": 2}  # states per param
+OPTIMIZER_STATE_BYTES: dict[str, float] = {"adamw": 4, "sgd": 0, "adamw8bit": 1}
+
+#: The loss over the vocabulary, bytes per vocabulary entry per token at its peak (start of
+#: backward): logits in the model dtype (2), their fp32 upcast / log-softmax output (4), the
+#: fp32 gradient of the log-probabilities (4) and of the logits (4). Calibrated: the
+#: measured Qwen2.5-VL-7B slope (~2.6 MiB per token, 152k vocabulary) needs all four.
+LOGITS_BYTES_PER_VOCAB = 14.0  # calibrated
+#: Same with fp32 logits (fp32 lm_head, e.g. after prepare_model_for_kbit_training).
+LOGITS_BYTES_PER_VOCAB_FP32 = 16.0
+
+#: One decoder layer's saved activations per token (bf16), as multiples of hidden size h,
+#: KV width kv (kv heads x head dim) and intermediate size i. Two RMSNorms (fp32 input +
+#: normalized copy: ~8h each), SDPA (q, k, v, out: 4h + 4kv), gated MLP (gate out, its SiLU,
+#: up out: 6i), output projection and down projection inputs (2h + 2i, only when those
+#: weights train). LoRA with dropout adds a dropped-out input copy + mask per adapted linear
+#: (q, k, v, o, gate, up: 6 x 3h; down: 3i).
+LAYER_H, LAYER_KV, LAYER_I = 20.0, 4.0, 6.0
+LORA_DROPOUT_H, LORA_DROPOUT_I = 18.0, 3.0
+FULL_FT_H, FULL_FT_I = 2.0, 2.0
+#: During backward one checkpointed layer is recomputed and back-propagated: its saved
+#: activations plus gradients of about the same size.
+RECOMPUTE_FACTOR = 2.0
+
+#: Vision block saved activations per patch (bf16), multiples of vision hidden vh / MLP vi:
+#: two norms (8vh each), attention (q, k, v, out: 8vh), MLP (gate/up/act: 6vi gated, 4vi
+#: plain fc1 + GELU).
+VISION_LAYER_H, VISION_LAYER_I_GATED, VISION_LAYER_I_PLAIN = 24.0, 6.0, 4.0
+
+#: Memory allocated outside the model's tensors during a step (cuBLAS / cuDNN workspaces,
+#: the batch, rotary tables, small buffers), GiB. Calibrated (small).
+ALLOC_OVERHEAD_GIB = 0.1  # calibrated
+#: CUDA context + kernels loaded by torch (not counted by max_memory_allocated), GiB.
+CUDA_CONTEXT_GIB = 0.6
+#: Reserved / allocated: caching-allocator fragmentation (measured 34.1 / 29.5 at 2000 px).
+FRAGMENTATION = 0.10
+
+#: The measured textbook-QLoRA peaks (shared/reference: Qwen2.5-VL-7B 18.3 / 48.6 GiB at
+#: 448 / 1000 px, 35.8 GiB with the vision tower out of autograd; SmolVLM-256M 1.5 - 43.5
+#: GiB) sit far above the checkpointed model and 9-59 % BELOW the same model with every
+#: activation stored (no effective checkpointing, fp32). ``plan`` charges QLoRA candidates
+#: that no-checkpointing figure (conservative) and says so in the breakdown.
+QLORA_TEXTBOOK_NO_CHECKPOINTING = True
+
+#: Relative speed of a step per token (1 = bf16 LoRA without checkpointing), for ranking.
+SPEED = {"gc": 0.75, "qlora": 0.7, "full": 0.9, "vision_no_grad": 1.0}
+
+
+# ---------------------------------------------------------------------------------------------
+# Architecture: dimensions and parameter counts from a config dict
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Arch:
+    """Dimensions and parameter counts of one architecture (counts in parameters)."""
+
+    model_type: str
+    vocab: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    tied: bool
+    qkv_bias: bool
+    vision_hidden: int
+    vision_intermediate: int
+    vision_layers: int
+    vision_gated: bool
+    patches_per_token: int  # vision-tower patches per visual token (merge^2 / scale^2)
+    embed_params: int
+    lm_head_params: int  # 0 when tied
+    lm_linear_params: int  # q/k/v/o/gate/up/down of all layers: what LoRA and NF4 act on
+    lm_other_params: int  # norms, biases
+    vision_params: int
+    projector_params: int
+    lora_in_out: int  # sum over one layer's LoRA targets of (in + out) features
+
+    @property
+    def total_params(self) -> int:
+        return (
+            self.embed_params
+            + self.lm_head_params
+            + self.lm_linear_params
+            + self.lm_other_params
+            + self.vision_params
+            + self.projector_params
+        )
+
+    def lora_params(self, r: int) -> int:
+        """LoRA A and B on the language model's seven linear layers per layer."""
+        return r * self.lora_in_out * self.layers
+
+
+def arch_from_config(cfg: dict[str, Any]) -> Arch:
+    """Parse a transformers config dict (Idefics3, Qwen2-VL, Qwen2.5-VL) into an ``Arch``."""
+    mt = cfg["model_type"]
+    t, v = cfg["text_config"], cfg["vision_config"]
+    h, i, n = t["hidden_size"], t["intermediate_size"], t["num_hidden_layers"]
+    heads = t["num_attention_heads"]
+    kvh = t.get("num_key_value_heads") or heads
+    hd = t.get("head_dim") or h // heads
+    vocab = t["vocab_size"]
+    tied = bool(cfg.get("tie_word_embeddings", t.get("tie_word_embeddings", False)))
+    qkv_bias = mt.startswith("qwen")
+    q, kv = heads * hd, kvh * hd
+    per_layer_linear = h * q + 2 * h * kv + q * h + 3 * h * i
+    per_layer_other = 2 * h + ((q + 2 * kv) if qkv_bias else 0)
+    lora_in_out = (h + q) + 2 * (h + kv) + (q + h) + 3 * (h + i)
+    if mt == "idefics3":
+        vh, vi, vl = v["hidden_size"], v["intermediate_size"], v["num_hidden_layers"]
+        p, img = v["patch_size"], v["image_size"]
+        scale = cfg.get("scale_factor", 2)
+        block = 4 * (vh * vh + vh) + (vh * vi + vi) + (vi * vh + vh) + 4 * vh
+        vision = 3 * p * p * vh + vh + (img // p) ** 2 * vh + vl * block + 2 * vh
+        projector = vh * scale * scale * h
+        gated, ppt = False, scale * scale
+    else:
+        merge, tp, p = v.get("spatial_merge_size", 2), v.get("temporal_patch_size", 2), v.get(
+            "patch_size", 14
+        )
+        if mt == "qwen2_vl":
+            vh = v["embed_dim"]
+            vi = vh * v.get("mlp_ratio", 4)
+            block = 4 * vh + (3 * vh * vh + 3 * vh) + (vh * vh + vh) + (vh * vi + vi) + (vi * vh + vh)
+            out, ln = v["hidden_size"], 2 * vh
+            gated = False
+        else:
+            vh, vi = v["hidden_size"], v["intermediate_size"]
+            block = (
+                2 * vh + (3 * vh * vh + 3 * vh) + (vh * vh + vh) + 2 * (vh * vi + vi) + (vi * vh + vh)
+            )
+            out, ln = v["out_hidden_size"], vh
+            gated = True
+        vl = v["depth"]
+        vision = 3 * tp * p * p * vh + vl * block
+        m = vh * merge * merge
+        projector = ln + (m * m + m) + (m * out + out)
+        ppt = merge * merge
+    return Arch(
+        model_type=mt,
+        vocab=vocab,
+        hidden=h,
+        intermediate=i,
+        layers=n,
+        heads=heads,
+        kv_heads=kvh,
+        head_dim=hd,
+        tied=tied,
+        qkv_bias=qkv_bias,
+        vision_hidden=vh,
+        vision_intermediate=vi,
+        vision_layers=vl,
+        vision_gated=gated,
+        patches_per_token=ppt,
+        embed_params=vocab * h,
+        lm_head_params=0 if tied else vocab * h,
+        lm_linear_params=n * per_layer_linear,
+        lm_other_params=n * per_layer_other + h,
+        vision_params=vision,
+        projector_params=projector,
+        lora_in_out=lora_in_out,
+    )
+
+
+def arch(spec: ModelSpec) -> Arch:
+    """The architecture of a registered model (tiny models: their saved config)."""
+    if spec.tiny:
+        from vlmfit import tiny
+
+        cfg = json.loads((tiny.ensure_tiny(spec.name) / "config.json").read_text())
+    else:
+        cfg = json.loads((CONFIG_DIR / spec.arch_config).read_text())
+    return arch_from_config(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# The estimate
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Estimate:
+    """Predicted memory of one training step; every ``*_gib`` is GiB (2**30 bytes).
+
+    ``breakdown`` sums to ``peak_gib`` (the prediction of ``torch.cuda.max_memory_allocated``);
+    ``device_gib`` adds allocator fragmentation and the CUDA context: what must fit on the GPU.
+    """
+
+    model: str
+    finetune: str
+    dtype: str
+    micro_batch: int
+    text_tokens: int  # per sample, everything but the image span
+    visual_tokens: int  # per sample (placeholder tokens)
+    sequence_tokens: int  # per sample, text + image span
+    patches: int  # vision-tower patches per sample
+    gradient_checkpointing: bool
+    vision_no_grad: bool
+    lora_r: int
+    optimizer: str
+    max_image_tokens: int | None
+    total_params: int
+    trainable_params: int
+    breakdown: dict[str, float]
+    peak_phase: str  # "loss" | "backward" | "vision" : which phase of the step peaks
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def peak_gib(self) -> float:
+        return float(sum(self.breakdown.values()))
+
+    @property
+    def weights_gib(self) -> float:
+        return self.breakdown["weights"]
+
+    @property
+    def device_gib(self) -> float:
+        return self.peak_gib * (1 + FRAGMENTATION) + CUDA_CONTEXT_GIB
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.micro_batch * self.sequence_tokens
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.update(peak_gib=self.peak_gib, device_gib=self.device_gib)
+        return d
+
+    def table(self) -> str:
+        """The breakdown as aligned text, largest first."""
+        lines = [
+            f"{self.model} {self.finetune} ({self.dtype}), micro-batch {self.micro_batch}, "
+            f"{self.sequence_tokens} tokens/sample ({self.visual_tokens} visual, "
+            f"{self.text_tokens} text), gradient checkpointing "
+            f"{'on' if self.gradient_checkpointing else 'off'}, vision tower "
+            f"{'without autograd' if self.vision_no_grad else 'tracked by autograd'}"
+        ]
+        for k, v in sorted(self.breakdown.items(), key=lambda kv: -kv[1]):
+            lines.append(f"  {k:<22} {v:8.2f} GiB")
+        lines.append(f"  {'peak allocated':<22} {self.peak_gib:8.2f} GiB  (phase: {self.peak_phase})")
+        lines.append(f"  {'on the device':<22} {self.device_gib:8.2f} GiB  (+ fragmentation, context)")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _spec(spec_or_name: ModelSpec | str) -> ModelSpec:
+    return spec_or_name if isinstance(spec_or_name, ModelSpec) else registry.get(spec_or_name)
+
+
+def estimate(
+    spec_or_name: ModelSpec | str,
+    *,
+    finetune: str = "lora",
+    lora_r: int = 16,
+    micro_batch: int = 1,
+    text_tokens: int = 256,
+    image_size: tuple[int, int] | None = (1000, 1000),
+    visual_tokens: int | None = None,
+    budget: Budget | None = None,
+    gradient_checkpointing: bool = True,
+    dtype: str = "bf16",
+    vision_no_grad: bool = False,
+    optimizer: str = "adamw",
+    lora_dropout: bool = True,
+    kbit_upcast: bool = True,
+    images: int = 1,
+) -> Estimate:
+    """Predict the peak memory of one training step (GiB), with its breakdown.
+
+    ``finetune``: "lora" (bf16 base, fp32 adapters on the language model's linear layers),
+    "qlora" (NF4 language-model linears; with ``kbit_upcast`` every other weight fp32, as
+    ``prepare_model_for_kbit_training`` does), "full" (language model + projector train;
+    vision frozen) or "projector". ``visual_tokens`` overrides the count derived from
+    ``image_size`` and ``budget`` (``vlmfit.budget.image_tokens``); ``images`` per sample.
+    ``vision_no_grad``: the frozen vision tower runs without autograd (stores nothing for
+    backward); False is what ``enable_input_require_grads`` does (vlmfit's LoRA default).
+    """
+    spec = _spec(spec_or_name)
+    if finetune not in ("lora", "qlora", "full", "projector"):
+        raise ValueError(f"finetune must be lora, qlora, full or projector, got {finetune!r}")
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
+    if optimizer not in OPTIMIZER_STATES:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZER_STATES)}")
+    if micro_batch < 1 or text_tokens < 0 or lora_r < 1:
+        raise ValueError("micro_batch >= 1, text_tokens >= 0 and lora_r >= 1 required")
+    a = arch(spec)
+    notes: list[str] = []
+
+    # -- tokens
+    if visual_tokens is None:
+        if image_size is None or images == 0:
+            vt, span = 0, 0
+        else:
+            w, h = image_size
+            vt = image_tokens(spec, w, h, budget) * images
+            span = image_sequence_tokens(spec, w, h, budget) * images
+    else:
+        vt = int(visual_tokens)
+        span = vt + (2 * images if spec.is_qwen else 3 * images) if vt else 0
+    seq = span + text_tokens
+    patches = vt * a.patches_per_token
+    tokens = micro_batch * seq
+    pt = micro_batch * patches
+
+    # -- parameters and their bytes
+    wb = DTYPE_BYTES[dtype]
+    frozen_bytes = float(wb)  # bytes of a non-quantized weight
+    qlora = finetune == "qlora"
+    fp32_stream = dtype == "fp32" or (qlora and kbit_upcast)
+    if qlora:
+        if kbit_upcast:
+            frozen_bytes = 4.0
+            notes.append(
+                "qlora: prepare_model_for_kbit_training upcasts every non-4-bit weight "
+                "(embeddings, lm_head, vision tower, norms) to fp32"
+            )
+        lin = a.lm_linear_params * NF4_BYTES_PER_PARAM
+        rest = (a.total_params - a.lm_linear_params) * frozen_bytes
+        weights = (lin + rest) / GIB
+    else:
+        weights = a.total_params * wb / GIB
+    trainable = 0
+    if finetune in ("lora", "qlora"):
+        trainable = a.lora_params(lora_r)
+        param_bytes = 4.0  # fp32 adapters (PEFT autocast_adapter_dtype)
+        adapters = trainable * param_bytes / GIB
+    elif finetune == "full":
+        trainable = (
+            a.embed_params + a.lm_head_params + a.lm_linear_params + a.lm_other_params
+        ) + a.projector_params
+        param_bytes = float(wb)
+        adapters = 0.0  # the trainable weights are part of "weights"
+    else:  # projector
+        trainable = a.projector_params
+        param_bytes = float(wb)
+        adapters = 0.0
+    grads = trainable * param_bytes / GIB
+    state_bytes = (
+        OPTIMIZER_STATES[optimizer] * (param_bytes if optimizer == "adamw" else 1.0)
+        if optimizer != "sgd"
+        else 0.0
+    )
+    opt_states = trainable * state_bytes / GIB
+
+    # -- activations, bytes per token / patch
+    act = 2.0 if fp32_stream else 1.0  # activation dtype multiplier (bf16 = 1)
+    h, i, kv = a.hidden, a.intermediate, a.kv_heads * a.head_dim
+    layer = LAYER_H * h + LAYER_KV * kv + LAYER_I * i
+    if finetune in ("lora", "qlora") and lora_dropout:
+        layer += LORA_DROPOUT_H * h + LORA_DROPOUT_I * i
+    if finetune == "full":
+        layer += FULL_FT_H * h + FULL_FT_I * i
+    layer *= act
+    lm_trains = finetune != "projector"
+    if gradient_checkpointing and lm_trains:
+        lm_stored = a.layers * 2 * h * act
+        recompute = RECOMPUTE_FACTOR * layer
+    elif lm_trains:
+        lm_stored = a.layers * layer
+        recompute = 0.0
+    else:  # projector only: nothing in the language model needs saving but its inputs
+        lm_stored, recompute = 0.0, 0.0
+    embeds = 2 * 2 * h * act  # inputs_embeds + final hidden states
+    logits_pt = a.vocab * (LOGITS_BYTES_PER_VOCAB_FP32 if fp32_stream else LOGITS_BYTES_PER_VOCAB)
+    logits_kept = a.vocab * 4.0  # log-probabilities saved for backward, during layer backward
+
+    vgated = VISION_LAYER_I_GATED if a.vision_gated else VISION_LAYER_I_PLAIN
+    vlayer = (VISION_LAYER_H * a.vision_hidden + vgated * a.vision_intermediate) * act
+    vision_tracked = not vision_no_grad
+    if vision_tracked and gradient_checkpointing:
+        v_stored = a.vision_layers * 2 * a.vision_hidden * act
+    elif vision_tracked:
+        v_stored = a.vision_layers * vlayer
+    else:
+        v_stored = 0.0
+    if vision_no_grad:
+        notes.append("vision tower without autograd: no activations kept for backward")
+
+    vis_gib = pt * v_stored / GIB
+    lm_gib = tokens * (lm_stored + embeds) / GIB
+    phases = {
+        "loss": {"activations (vision)": vis_gib, "activations (LM)": lm_gib,
+                 "logits + loss": tokens * logits_pt / GIB},
+        "backward": {"activations (vision)": vis_gib,
+                     "activations (LM)": lm_gib + tokens * recompute / GIB,
+                     "logits + loss": tokens * logits_kept / GIB},
+        "vision": {"activations (vision)": vis_gib + pt * vlayer * (1 if vision_no_grad else 2) / GIB,
+                   "activations (LM)": 0.0, "logits + loss": 0.0},
+    }  # fmt: skip
+    phase = max(phases, key=lambda k: sum(phases[k].values()))
+    breakdown = {
+        "weights": weights,
+        "trainable params": adapters,
+        "gradients": grads,
+        "optimizer states": opt_states,
+        **phases[phase],
+        "overhead": ALLOC_OVERHEAD_GIB,
+    }
+    if qlora:
+        notes.append(
+            "qlora: measured textbook-QLoRA peaks are 1.3-3.9x this figure (shared/reference); "
+            "plan() charges QLoRA as if no activation were checkpointed"
+        )
+    return Estimate(
+        model=spec.name,
+        finetune=finetune,
+        dtype=dtype,
+        micro_batch=micro_batch,
+        text_tokens=text_tokens,
+        visual_tokens=vt,
+        sequence_tokens=seq,
+        patches=patches,
+        gradient_checkpointing=gradient_checkpointing,
+        vision_no_grad=vision_no_grad,
+        lora_r=lora_r,
+        optimizer=optimizer,
+        max_image_tokens=budget.max_image_tokens if budget else None,
+        total_params=a.total_params,
+        trainable_params=trainable,
+        breakdown=breakdown,
+        peak_phase=phase,
+        notes=notes,
+    )
+
+
+def activations_gib(e: Estimate) -> float:
+    """The activation terms of an estimate (vision, LM, logits), GiB."""
+    return sum(v for k, v in e.breakdown.items() if k.startswith(("activations", "logits")))
+
+
+# ---------------------------------------------------------------------------------------------
+# The planner
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Candidate:
+    """One configuration that fits; ``required_gib`` includes the safety margin and context."""
+
+    finetune: str
+    micro_batch: int
+    max_image_tokens: int | None
+    gradient_checkpointing: bool
+    vision_no_grad: bool
+    estimate: Estimate
+    required_gib: float
+    gpu_gib: float
+    score: float  # throughput proxy: tokens per step x relative speed
+
+    @property
+    def headroom_gib(self) -> float:
+        return self.gpu_gib - self.required_gib
+
+    def make_args(self) -> str:
+        """The same configuration as ``make sft`` variables."""
+        params = [f"per_device_train_batch_size={self.micro_batch}"]
+        if not self.gradient_checkpointing:
+            params.append("gradient_checkpointing=False")
+        mit = self.max_image_tokens if self.max_image_tokens else "none"
+        return f"FINETUNE={self.finetune} MAX_IMAGE_TOKENS={mit} PARAMS='{' '.join(params)}'"
+
+    def row(self) -> dict[str, Any]:
+        e = self.estimate
+        return {
+            "finetune": self.finetune,
+            "micro_batch": self.micro_batch,
+            "max_image_tokens": self.max_image_tokens,
+            "visual_tokens": e.visual_tokens,
+            "sequence_tokens": e.sequence_tokens,
+            "gradient_checkpointing": self.gradient_checkpointing,
+            "vision_no_grad": self.vision_no_grad,
+            "peak_gib": round(e.peak_gib, 2),
+            "required_gib": round(self.required_gib, 2),
+            "headroom_gib": round(self.headroom_gib, 2),
+            "score": round(self.score),
+            "make": self.make_args(),
+        }
+
+
+class PlanResult(list):
+    """``plan``'s answer: a list of ``Candidate`` (best first) with ``reason`` when empty."""
+
+    reason: str = ""
+    smallest: Candidate | None = None  # the least demanding configuration tried (fits or not)
+
+
+def _required(e: Estimate, margin: float) -> float:
+    return e.peak_gib * (1 + margin) + CUDA_CONTEXT_GIB
+
+
+def plan(
+    spec_or_name: ModelSpec | str,
+    gpu_gib: float,
+    *,
+    text_tokens: int = 256,
+    image_size: tuple[int, int] | None = (1000, 1000),
+    finetune: str | None = None,
+    micro_batches: tuple[int, ...] = (1, 2, 4, 8),
+    max_image_tokens: tuple[int | None, ...] = (None, 1280, 1024, 512, 256),
+    checkpointing: tuple[bool, ...] = (True, False),
+    vision_no_grad: bool = False,
+    margin: float = 0.10,
+    lora_r: int = 16,
+) -> PlanResult:
+    """Configurations that fit ``gpu_gib`` GiB with ``margin`` to spare, best first.
+
+    Searches finetune (lora and qlora unless given) x micro-batch x visual-token budget x
+    gradient checkpointing. A candidate fits when ``peak * (1 + margin) + CUDA context <=
+    gpu_gib``. Ranked by a throughput proxy: tokens per step x relative speed (checkpointing
+    ~0.75, QLoRA ~0.7), so bf16 LoRA wins over QLoRA whenever both fit and the image keeps
+    its resolution unless a budget is needed. QLoRA candidates are checked with the measured
+    textbook-QLoRA peaks in mind: charged as if no activation were checkpointed
+    (``QLORA_TEXTBOOK_NO_CHECKPOINTING``).
+    """
+    spec = _spec(spec_or_name)
+    kinds = (finetune,) if finetune else ("lora", "qlora")
+    out = PlanResult()
+    tried: list[Candidate] = []
+    seen: set[tuple] = set()
+    for ft in kinds:
+        for mit in max_image_tokens:
+            try:
+                budget = Budget(max_image_tokens=mit) if mit else None
+                if budget is not None and image_size is not None:
+                    image_tokens(spec, *image_size, budget)
+            except ValueError:
+                continue  # budget below what the processor can do (e.g. one SmolVLM tile)
+            for gc_on in checkpointing:
+                for mb in micro_batches:
+                    e = estimate(
+                        spec,
+                        finetune=ft,
+                        lora_r=lora_r,
+                        micro_batch=mb,
+                        text_tokens=text_tokens,
+                        image_size=image_size,
+                        budget=budget,
+                        gradient_checkpointing=gc_on,
+                        vision_no_grad=vision_no_grad,
+                    )
+                    key = (ft, mb, e.visual_tokens, gc_on)
+                    if key in seen:  # a budget above the image's cost changes nothing
+                        continue
+                    seen.add(key)
+                    if ft == "qlora" and gc_on and QLORA_TEXTBOOK_NO_CHECKPOINTING:
+                        stored = estimate(
+                            spec, finetune=ft, lora_r=lora_r, micro_batch=mb,
+                            text_tokens=text_tokens, image_size=image_size, budget=budget,
+                            gradient_checkpointing=False, vision_no_grad=vision_no_grad,
+                        )  # fmt: skip
+                        extra = max(0.0, stored.peak_gib - e.peak_gib)
+                        e.breakdown["textbook-QLoRA excess"] = extra
+                    speed = (SPEED["gc"] if gc_on else 1.0) * (
+                        SPEED["qlora"] if ft == "qlora" else SPEED["full"] if ft == "full" else 1.0
+                    )
+                    c = Candidate(
+                        finetune=ft,
+                        micro_batch=mb,
+                        max_image_tokens=mit,
+                        gradient_checkpointing=gc_on,
+                        vision_no_grad=vision_no_grad,
+                        estimate=e,
+                        required_gib=_required(e, margin),
+                        gpu_gib=gpu_gib,
+                        score=e.tokens_per_step * speed,
+                    )
+                    tried.append(c)
+                    if c.required_gib <= gpu_gib:
+                        out.append(c)
+    # Best first: throughput proxy; ties: more visual tokens, bf16 before qlora, less memory.
+    out.sort(
+        key=lambda c: (
+            -c.score,
+            -c.estimate.visual_tokens,
+            c.finetune == "qlora",
+            c.required_gib,
+        )
+    )
+    if tried:
+        out.smallest = min(tried, key=lambda c: c.required_gib)
+    if not out:
+        s = out.smallest
+        out.reason = (
+            f"nothing fits {gpu_gib:g} GiB: the least demanding configuration tried "
+            f"({s.finetune}, micro-batch {s.micro_batch}, "
+            f"{s.estimate.visual_tokens} visual tokens, gradient checkpointing "
+            f"{'on' if s.gradient_checkpointing else 'off'}) needs {s.required_gib:.1f} GiB "
+            f"(weights alone {s.estimate.weights_gib:.1f} GiB, +{margin:.0%} margin and "
+            f"{CUDA_CONTEXT_GIB} GiB CUDA context)"
+            if s
+            else f"nothing fits {gpu_gib:g} GiB: no configuration could be built"
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring: synthetic batches, profile_steps, ladder
+# ---------------------------------------------------------------------------------------------
+
+
+def _vision_module(model, spec: ModelSpec):
+    """The vision tower module (under PEFT wrappers too) and its name."""
+    prefixes = spec.family.vision_modules
+    for name, mod in model.named_modules():
+        clean = name.replace("base_model.model.", "")
+        if clean in prefixes:
+            return name, mod
+    raise ValueError(f"{spec.name}: no vision module {prefixes} found")
+
+
+def vision_without_autograd(model, spec: ModelSpec) -> None:
+    """Run the frozen vision tower under ``torch.no_grad`` (stores nothing for backward).
+
+    Only valid when nothing inside the vision module trains (for Qwen that includes the
+    merger, i.e. the projector): raises otherwise.
+    """
+    import torch
+
+    _, vis = _vision_module(model, spec)
+    if any(p.requires_grad for p in vis.parameters()):
+        raise ValueError("vision_no_grad needs a frozen vision module (projector included)")
+    original = vis.forward
+
+    def forward(*args, **kwargs):
+        with torch.no_grad():
+            return original(*args, **kwargs)
+
+    vis.forward = forward
+
+
+def synthetic_batch(
+    processor,
+    spec: ModelSpec,
+    *,
+    image_size: tuple[int, int] = (448, 448),
+    text_tokens: int = 256,
+    micro_batch: int = 1,
+    max_image_tokens: int | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """A training batch from the model's processor: one random image + ``text_tokens``.
+
+    The text is a chat turn padded with filler words to exactly ``text_tokens`` tokens
+    outside the image span (when the chat markup alone is shorter); ``labels`` = input ids.
+    """
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from vlmfit.budget import budget_size, processor_kwargs
+
+    rng = np.random.default_rng(seed)
+    w, h = image_size
+    img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    kwargs: dict[str, Any] = {}
+    budget = Budget(max_image_tokens=max_image_tokens) if max_image_tokens else None
+    if budget is not None:
+        if spec.is_qwen:
+            img = img.resize(budget_size(spec, w, h, budget))
+        else:
+            kwargs = processor_kwargs(spec, budget)
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A picture."}]},
+    ]
+    prompt = processor.apply_chat_template(messages, tokenize=False)
+    enc = processor(
+        text=[prompt] * micro_batch,
+        images=[[img] for _ in range(micro_batch)],
+        return_tensors="pt",
+        **kwargs,
+    )
+    ids = enc["input_ids"]
+    tok = processor.tokenizer
+    image_id = tok.convert_tokens_to_ids(spec.family.image_token)
+    n_image = int((ids[0] == image_id).sum())
+    span = n_image + (2 if spec.is_qwen else 0)
+    if not spec.is_qwen:  # Idefics3 markup around tiles: count it as image span
+        span = image_sequence_tokens(spec, w, h, budget) if not spec.tiny else n_image
+    have = ids.shape[1] - span
+    need = max(0, text_tokens - have)
+    if need:
+        words = tok(" the red circle is left of the blue square", add_special_tokens=False)
+        filler = (words["input_ids"] * (need // max(len(words["input_ids"]), 1) + 1))[:need]
+        extra = torch.tensor([filler] * micro_batch, dtype=ids.dtype)
+        for key, value in list(enc.items()):  # token-type ids etc.: text = 0
+            if key in ("input_ids", "attention_mask") or not isinstance(value, torch.Tensor):
+                continue
+            if value.dim() == 2 and tuple(value.shape) == tuple(ids.shape):
+                enc[key] = torch.cat([value, torch.zeros_like(extra, dtype=value.dtype)], dim=1)
+        enc["input_ids"] = torch.cat([ids, extra], dim=1)
+        enc["attention_mask"] = torch.cat(
+            [enc["attention_mask"], torch.ones_like(extra, dtype=enc["attention_mask"].dtype)],
+            dim=1,
+        )
+    enc["labels"] = enc["input_ids"].clone()
+    out = dict(enc)
+    out["_visual_tokens"] = n_image
+    return out
+
+
+class _RssSampler:
+    """Peak resident set size of this process (bytes), sampled every ``interval`` s."""
+
+    def __init__(self, interval: float = 0.005):
+        import psutil
+
+        self._proc = psutil.Process()
+        self.interval = interval
+        self.peak = self._proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            time.sleep(self.interval)
+
+    def __enter__(self) -> _RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+
+def free_memory() -> None:
+    """Release what a previous measurement left: garbage, CUDA cache, peak statistics."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    elif sys.platform.startswith("linux"):  # hand freed heap back, so RSS peaks mean something
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def profile_steps(
+    cfg,
+    *,
+    steps: int = 3,
+    image_size: tuple[int, int] = (448, 448),
+    text_tokens: int = 256,
+    vision_no_grad: bool = False,
+    warmup: int = 1,
+) -> dict[str, Any]:
+    """Build ``cfg``'s model (``train.build_model``) and time forward+backward+AdamW steps.
+
+    ``cfg`` is a ``vlmfit.config.RunConfig``; micro-batch = ``per_device_train_batch_size``,
+    visual-token budget = ``max_image_tokens``. Runs ``warmup + steps`` steps on a synthetic
+    batch (``synthetic_batch``). Returns (GiB, seconds): ``device``; ``weights_gib`` (after
+    load and PEFT; CUDA: ``memory_allocated``, CPU: parameter + buffer bytes); ``peak_gib``
+    (CUDA: ``max_memory_allocated`` over the steps; CPU: the process's peak RSS, sampled
+    every 5 ms, Python and libraries included); ``rss_start_gib`` (CPU: RSS before loading);
+    ``reserved_gib`` (CUDA ``max_memory_reserved``); ``step_s`` (median of the
+    timed steps, synchronized); ``tokens_per_s``; ``sequence_tokens``, ``visual_tokens``,
+    ``micro_batch``, ``loss``, ``load_s``, ``estimate_gib`` (``estimate`` of the same
+    configuration, CUDA dtype) and ``trainable_params``.
+    """
+    import torch
+
+    from vlmfit import train
+
+    spec = cfg.spec
+    cuda = torch.cuda.is_available()
+    free_memory()
+    rss0 = _rss()
+    t0 = time.perf_counter()
+    model, processor = train.build_model(cfg)
+    load_s = time.perf_counter() - t0
+    if vision_no_grad:
+        vision_without_autograd(model, spec)
+    tensors = [*model.parameters(), *model.buffers()]
+    weights_gib = (
+        torch.cuda.memory_allocated() if cuda else sum(t.numel() * t.element_size() for t in tensors)
+    ) / GIB
+    del tensors
+    device = next(p.device for p in model.parameters())
+    mb = cfg.per_device_train_batch_size
+    batch = synthetic_batch(
+        processor,
+        spec,
+        image_size=image_size,
+        text_tokens=text_tokens,
+        micro_batch=mb,
+        max_image_tokens=cfg.max_image_tokens,
+    )
+    visual = batch.pop("_visual_tokens")
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    batch = {
+        k: (v.to(device, dtype=dtype) if v.is_floating_point() else v.to(device))
+        if isinstance(v, torch.Tensor)
+        else v
+        for k, v in batch.items()
+    }
+    seq = int(batch["input_ids"].shape[1])
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = train.make_optimizer(cfg, model) or torch.optim.AdamW(params, lr=cfg.learning_rate)
+    model.train()
+    times: list[float] = []
+    losses: list[float] = []
+
+    def step() -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        loss = model(**batch).loss  # the outputs object (bf16 logits) is dropped at once
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        losses.append(float(loss.detach()))
+        return time.perf_counter() - t
+
+    sampler = contextlib.nullcontext() if cuda else _RssSampler()
+    with sampler:
+        for _ in range(warmup):
+            step()
+        for _ in range(max(1, steps)):
+            times.append(step())
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() / GIB
+        reserved = torch.cuda.max_memory_reserved() / GIB
+    else:  # the whole process (Python, libraries) : compare CPU rows with each other only
+        peak = sampler.peak / GIB
+        reserved = float("nan")
+    step_s = statistics.median(times)
+    est_dtype = "bf16" if dtype == torch.bfloat16 else "fp16" if dtype == torch.float16 else "fp32"
+    try:
+        est = estimate(
+            spec,
+            finetune=cfg.finetune,
+            lora_r=cfg.lora_r,
+            micro_batch=mb,
+            text_tokens=seq - (visual + 2 if spec.is_qwen else visual),
+            visual_tokens=visual,
+            gradient_checkpointing=cfg.gradient_checkpointing,
+            dtype=est_dtype,
+            vision_no_grad=vision_no_grad,
+            lora_dropout=cfg.lora_dropout > 0,
+        ).peak_gib
+    except Exception:  # noqa: BLE001 - an estimate is a bonus here, never a failure
+        est = float("nan")
+    trainable = sum(p.numel() for p in params)
+    result = {
+        "model": cfg.model,
+        "weights": cfg.weights,
+        "finetune": cfg.finetune,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "micro_batch": mb,
+        "gradient_checkpointing": cfg.gradient_checkpointing,
+        "vision_no_grad": vision_no_grad,
+        "max_image_tokens": cfg.max_image_tokens,
+        "image_size": f"{image_size[0]}x{image_size[1]}",
+        "visual_tokens": visual,
+        "sequence_tokens": seq,
+        "weights_gib": weights_gib,
+        "peak_gib": peak,
+        "reserved_gib": reserved,
+        "rss_start_gib": rss0 / GIB,
+        "step_s": step_s,
+        "tokens_per_s": mb * seq / step_s,
+        "loss": losses[-1],
+        "load_s": load_s,
+        "estimate_gib": est,
+        "trainable_params": trainable,
+    }
+    del model, processor, opt, params, batch
+    free_memory()
+    return result
+
+
+#: Keys a ladder variant may hold besides RunConfig fields.
+PROFILE_KEYS = ("label", "vision_no_grad", "image_size", "text_tokens", "steps")
+
+
+def ladder(
+    base_cfg,
+    variants: list[dict[str, Any]],
+    *,
+    steps: int = 3,
+    image_size: tuple[int, int] = (448, 448),
+    text_tokens: int = 256,
+    cumulative: bool = True,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """torchtune's memory ladder: ``profile_steps`` per variant, one row each.
+
+    Each variant is a dict of ``RunConfig`` overrides (``per_device_train_batch_size``,
+    ``gradient_checkpointing``, ``max_image_tokens``, ``finetune``...) plus optional
+    ``label``, ``vision_no_grad``, ``image_size``, ``text_tokens``. With ``cumulative``
+    (default) each step adds to the previous ones (baseline -> + technique -> + next);
+    otherwise each applies to ``base_cfg`` alone. A variant that fails (out of memory, a
+    missing package) gives a row with ``error`` instead of stopping the ladder. Rows carry
+    ``peak_change`` and ``speed_change`` relative to the first successful row (fractions).
+    """
+    rows: list[dict[str, Any]] = []
+    acc: dict[str, Any] = {}
+    for n, variant in enumerate(variants):
+        cur = {**acc, **variant} if cumulative else dict(variant)
+        if cumulative:
+            acc = {k: v for k, v in cur.items() if k != "label"}
+        label = variant.get("label") or (
+            "baseline" if not variant else "+ " + ", ".join(f"{k}={v}" for k, v in variant.items())
+        )
+        overrides = {k: v for k, v in cur.items() if k not in PROFILE_KEYS}
+        cfg = dataclasses.replace(base_cfg, **overrides)
+        t = time.perf_counter()
+        try:
+            row = profile_steps(
+                cfg,
+                steps=cur.get("steps", steps),
+                image_size=tuple(cur.get("image_size", image_size)),
+                text_tokens=cur.get("text_tokens", text_tokens),
+                vision_no_grad=bool(cur.get("vision_no_grad", False)),
+            )
+        except Exception as err:  # noqa: BLE001 - OOM and friends become a row
+            row = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
+            free_memory()
+        row = {"step": n, "label": label, **row}
+        rows.append(row)
+        if progress:
+            if "error" in row:
+                print(f"[{n}] {label}: {row['error']}", flush=True)
+            else:
+                print(
+                    f"[{n}] {label}: peak {row['peak_gib']:.2f} GiB, {row['tokens_per_s']:.0f} "
+                    f"tokens/s ({time.perf_counter() - t:.0f} s)",
+                    flush=True,
+                )
+    base = next((r for r in rows if "error" not in r), None)
+    for r in rows:
+        if base is not None and "error" not in r:
+            r["peak_change"] = r["peak_gib"] / base["peak_gib"] - 1 if base["peak_gib"] else 0.0
+            r["speed_change"] = r["tokens_per_s"] / base["tokens_per_s"] - 1
+    return rows
+
+
+def format_rows(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
+    """Rows (dicts) as an aligned text table."""
+    if not rows:
+        return "(no rows)"
+    columns = columns or list(rows[0])
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return "nan" if math.isnan(v) else f"{v:.2f}" if abs(v) < 100 else f"{v:.0f}"
+        return "-" if v is None else str(v)
+
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[j]) for row in cells)) for j, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines)
+
+
+LADDER_COLUMNS = [
+    "step", "label", "micro_batch", "visual_tokens", "sequence_tokens", "weights_gib",
+    "peak_gib", "estimate_gib", "reserved_gib", "step_s", "tokens_per_s", "peak_change",
+]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures (matplotlib Figure objects, no pyplot: notebooks show each once)
+# ---------------------------------------------------------------------------------------------
+
+
+def plot_breakdown(estimates: list[Estimate], labels: list[str] | None = None):
+    """Stacked bars of estimate breakdowns (GiB)."""
+    from matplotlib.figure import Figure
+
+    labels = labels or [f"{e.finetune} mb{e.micro_batch}" for e in estimates]
+    keys: list[str] = []
+    for e in estimates:
+        keys += [k for k in e.breakdown if k not in keys]
+    fig = Figure(figsize=(max(5, 1.3 * len(estimates) + 3), 4))
+    ax = fig.subplots()
+    bottom = [0.0] * len(estimates)
+    for k in keys:
+        vals = [e.breakdown.get(k, 0.0) for e in estimates]
+        ax.bar(labels, vals, bottom=bottom, label=k)
+        bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
+    for x, b in enumerate(bottom):
+        ax.text(x, b, f"{b:.1f}", ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("GiB (predicted peak allocated)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1))
+    ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_ladder(rows: list[dict[str, Any]], unit: str = "GiB"):
+    """Peak memory and tokens/s per ladder step, annotated with the change vs. baseline."""
+    from matplotlib.figure import Figure
+
+    ok = [r for r in rows if "error" not in r]
+    fig = Figure(figsize=(10, 3.8))
+    ax1, ax2 = fig.subplots(1, 2)
+    labels = [str(r["label"])[:28] for r in ok]
+    peaks = [r["peak_gib"] for r in ok]
+    speeds = [r["tokens_per_s"] for r in ok]
+    ax1.barh(labels, peaks, color="#1f77b4", label="measured")
+    est = [r.get("estimate_gib", float("nan")) for r in ok]
+    if any(not math.isnan(v) for v in est):
+        ax1.scatter(est, labels, color="#d62728", marker="|", s=200, label="estimate", zorder=3)
+        ax1.legend(fontsize=7)
+    for y, r in enumerate(ok):
+        ax1.text(r["peak_gib"], y, f" {r['peak_gib']:.2f} ({r.get('peak_change', 0):+.0%})",
+                 va="center", fontsize=7)  # fmt: skip
+        ax2.text(r["tokens_per_s"], y, f" {r['tokens_per_s']:.0f} ({r.get('speed_change', 0):+.0%})",
+                 va="center", fontsize=7)  # fmt: skip
+    ax2.barh(labels, speeds, color="#2ca02c")
+    ax1.set_xlabel(f"peak memory ({unit})")
+    ax2.set_xlabel("tokens / s")
+    ax2.set_yticklabels([])
+    for ax in (ax1, ax2):
+        ax.invert_yaxis()
+        ax.margins(x=0.35)
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # exit 2 with our prefix, never a traceback
+        raise _UsageError(message)
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise _UsageError(f"--image expects WIDTHxHEIGHT, got {text!r}") from None
+    if w < 1 or h < 1:
+        raise _UsageError(f"--image sides must be >= 1, got {text!r}")
+    return w, h
+
+
+def local_gpu_gib() -> float | None:
+    """Total memory of CUDA device 0 in GiB, or None without CUDA."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(0).total_memory / GIB
+
+
+def cli_plan(argv: list[str]) -> int:
+    """``python -m vlmfit plan --model M [--gpu-gib G] ...``: estimate + fitting configs.
+
+    Exit 0 with a table of candidates; 1 when nothing fits (with the reason); 2 on a usage
+    error (unknown model, no --gpu-gib and no CUDA device).
+    """
+    p = _Parser(prog="vlmfit plan", description="Predict training memory; list configs that fit.")
+    p.add_argument("--model", required=True, help="registry name (python -m vlmfit tokens)")
+    p.add_argument("--gpu-gib", type=float, help="GPU memory, GiB (default: this CUDA device)")
+    p.add_argument("--finetune", choices=["lora", "qlora", "full", "projector"], default=None,
+                   help="restrict the search (default: lora and qlora)")  # fmt: skip
+    p.add_argument("--image", default="1000x1000", help="image size WxH (default 1000x1000)")
+    p.add_argument("--text-tokens", type=int, default=256)
+    p.add_argument("--micro-batch", type=int, default=1, help="for the estimate shown")
+    p.add_argument("--max-image-tokens", type=int, default=None, help="for the estimate shown")
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--vision-no-grad", action="store_true",
+                   help="assume the frozen vision tower runs without autograd")  # fmt: skip
+    p.add_argument("--margin", type=float, default=0.10, help="safety margin (fraction)")
+    p.add_argument("--top", type=int, default=10, help="candidates to list")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    try:
+        a = p.parse_args(argv)
+        spec = registry.get(a.model)
+        size = _parse_size(a.image)
+        gpu = a.gpu_gib if a.gpu_gib is not None else local_gpu_gib()
+        if gpu is None:
+            raise _UsageError("no CUDA device here: pass --gpu-gib (e.g. --gpu-gib 80 for an H100)")
+        if gpu <= 0:
+            raise _UsageError("--gpu-gib must be positive")
+        ft = a.finetune or "lora"
+        budget = Budget(max_image_tokens=a.max_image_tokens) if a.max_image_tokens else None
+        e = estimate(
+            spec,
+            finetune=ft,
+            lora_r=a.lora_r,
+            micro_batch=a.micro_batch,
+            text_tokens=a.text_tokens,
+            image_size=size,
+            budget=budget,
+            vision_no_grad=a.vision_no_grad,
+        )
+    except (_UsageError, registry.UnknownModelError, ValueError) as err:
+        print(f"vlmfit plan: error: {err}", file=sys.stderr)
+        return 2
+    result = plan(
+        spec,
+        gpu,
+        text_tokens=a.text_tokens,
+        image_size=size,
+        finetune=a.finetune,
+        vision_no_grad=a.vision_no_grad,
+        margin=a.margin,
+        lora_r=a.lora_r,
+    )
+    if a.json:
+        print(
+            json.dumps(
+                {
+                    "model": spec.name,
+                    "gpu_gib": gpu,
+                    "estimate": e.as_dict(),
+                    "candidates": [c.row() for c in result[: a.top]],
+                    "fits": bool(result),
+                    "reason": result.reason,
+                }
+            )
+        )
+        return 0 if result else 1
+    print(e.table())
+    print(f"\nconfigurations that fit {gpu:g} GiB with {a.margin:.0%} margin (best first):")
+    if not result:
+        print(f"  none: {result.reason}")
+        return 1
+    cols = [
+        "finetune", "micro_batch", "max_image_tokens", "visual_tokens", "gradient_checkpointing",
+        "peak_gib", "required_gib", "headroom_gib", "make",
+    ]  # fmt: skip
+    print(format_rows([c.row() for c in result[: a.top]], cols))
+    return 0
+
+
+def _main() -> int:  # pragma: no cover - python -m vlmfit.memory
+    return cli_plan(sys.argv[1:])
+
+
+__all__ = [
+    "Arch",
+    "Candidate",
+    "Estimate",
+    "PlanResult",
+    "arch",
+    "arch_from_config",
+    "cli_plan",
+    "estimate",
+    "ladder",
+    "plan",
+    "plot_breakdown",
+    "plot_ladder",
+    "profile_steps",
+    "synthetic_batch",
+]
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(_main())
+
