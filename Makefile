@@ -54,7 +54,7 @@ param_args = $(foreach p,$(PARAMS),-p $(firstword $(subst =, ,$(p))) $(patsubst 
 
 .PHONY: help setup env lock wheelhouse data demo preprocess profile plan sft dpo train \
         bench lab test test-fast test-slow test-gpu test-browser lint format image \
-        container-test clean distclean index merge
+        container-test clean distclean index merge check-reports
 
 help: ## List every target (this page)
 	@echo "vlmfit: fine-tune small VLMs within memory. Variables: MODEL=$(MODEL) WEIGHTS=$(WEIGHTS) DATA=$(DATA) RUN=$(RUN)"
@@ -137,11 +137,19 @@ lab: env ## JupyterLab on $(LAB_IP):$(LAB_PORT) with token authentication
 	  --IdentityProvider.token=$${JUPYTER_TOKEN:-$$($(PY) -c 'import secrets; print(secrets.token_hex(24))')} \
 	  --ServerApp.allow_remote_access=$(if $(filter 127.0.0.1 localhost,$(LAB_IP)),False,True)
 
-test: env ## The test suite on CPU (fast tests, then whole notebooks on tiny models)
+test: env ## The test suite on CPU: fast tests, whole notebooks on tiny models, reports in chromium
+	@bash scripts/ensure_browser.sh
 	$(PY) -m pytest -q tests
 
 test-fast: env ## Fast tests only (no notebooks, no browser)
 	$(PY) -m pytest -q -m "not slow and not browser" tests
+
+test-browser: env ## Reports in headless chromium (installs it with apt when root; skips otherwise)
+	@bash scripts/ensure_browser.sh
+	$(PY) -m pytest -q -m browser tests
+
+check-reports: env ## Check $(REPORTS) in headless chromium: pages load, images render, links resolve
+	$(PY) -m vlmfit.browser $(REPORTS)
 
 test-gpu: env ## GPU-marked tests (skipped with a reason where CUDA is absent)
 	$(PY) -m pytest -q -m gpu tests
@@ -158,7 +166,7 @@ image: ## Build the container image (docker, or buildah where no Docker engine r
 	@if command -v docker >/dev/null && docker info >/dev/null 2>&1; then \
 	  docker build -t vlmfit . ; \
 	else \
-	  buildah bud --isolation chroot --network host -t localhost/vlmfit . ; \
+	  buildah bud --isolation chroot --network host --layers -t localhost/vlmfit . ; \
 	fi
 
 container-test: ## Build the image on a local Debian base (buildah) and run the CPU tests inside

@@ -143,11 +143,6 @@ def test_check_reports_finds_problems(tmp_path: Path) -> None:
     assert "orphan.html: " not in problems  # an unlinked page still loads fine
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="nbconvert's lab template imports mermaid.js from cdnjs when a report has a "
-    "mermaid diagram; nbrun.to_html does not strip that <script type=module> yet",
-)
 def test_mermaid_report_stays_offline(tmp_path: Path) -> None:
     nb = _notebook(tmp_path / "mermaid.ipynb", "\n\n```mermaid\ngraph LR; data-->model\n```")
     nbrun.run_notebook(nb, "mermaid", {}, tmp_path / "reports", progress=False)

@@ -15,30 +15,36 @@ token, 2.1 MB for Qwen's 152k vocabulary), one bf16 checkpoint per layer per tok
 while autograd tracks the frozen vision tower (``enable_input_require_grads``), one bf16
 checkpoint per vision block per patch (4 patches per Qwen visual token).
 
-Calibration (Qwen2.5-VL-7B, random weights, one H100, ``shared/reference/architectures.md``;
-256 text tokens + one square image; ``python -m vlmfit plan`` reproduces the left column)::
+Calibration: ``estimate`` vs. measured peak allocated on one H100 (random weights, bf16
+LoRA r=16 on the language model, SDPA, non-reentrant checkpointing, AdamW, 256 text
+tokens + one square image at processor defaults). "ref" = ``shared/reference/
+architectures.md``; "here" = ``memory.ladder`` on an H100 with this module (torch 2.11,
+transformers 5.17), GiB::
 
-    case                                          estimate   measured   error
-    bf16 LoRA r16, GC, mb1, 448 px (256 vt)        17.2 GiB   17.3 GiB    -1 %
-    bf16 LoRA r16, GC, mb1, 1000 px (1296 vt)      19.7 GiB   19.9 GiB    -1 %
-    bf16 LoRA r16, GC, mb1, 2000 px (5041 vt)      28.7 GiB   29.5 GiB    -3 %
-    bf16 LoRA r16, GC, mb4, 1000 px                30.6 GiB   31.7 GiB    -4 %
-    bf16 LoRA r16, GC, mb8, 1000 px                45.5 GiB   47.2 GiB    -4 %
-    + vision tower without autograd, mb1, 1000 px  19.3 GiB   19.5 GiB    -1 %
-    + vision tower without autograd, mb4, 1000 px  29.1 GiB   29.7 GiB    -2 %
-    weights alone, bf16                            15.4 GiB   15.5 GiB    -0 %
-    SmolVLM-256M bf16 LoRA, 1000 px split, mb1/4   1.7/4.9    1.9/5.9   -11/-17 %
-    SmolVLM-256M bf16 LoRA, 1000 px no split, mb1/4 0.8/1.4   0.85/1.6   -6/-11 %
+    case                                              estimate   ref    here
+    Qwen2.5-VL-7B  448 px (256 vt), mb1                 17.35    17.3   17.11
+    Qwen2.5-VL-7B 1000 px (1296 vt), mb1                19.93    19.9   19.47
+    Qwen2.5-VL-7B 2000 px (5041 vt), mb1                29.25    29.5     -
+    Qwen2.5-VL-7B 1000 px, mb4 / mb8                    31.3 / 46.5   31.7 / 47.2   -
+    Qwen2.5-VL-7B 1000 px, vision without autograd      19.54    19.5   19.01
+    ... same, mb4                                       29.72    29.7   27.93
+    Qwen2.5-VL-3B 1000 px, mb1                          11.24      -    10.84
+    Qwen2.5-VL-3B 1000 px, no checkpointing             19.90      -    21.09
+    SmolVLM-256M 1000 px split (1088 vt), mb1 / mb4     1.89 / 5.59   1.9 / 5.9   1.80 / -
+    SmolVLM-256M, vision without autograd, mb1 / mb4    1.59 / 4.39     -     1.47 / 4.08
+    SmolVLM-256M no split (64 vt), mb1 / mb4            0.89 / 1.60   0.85 / 1.6   -
+    Qwen2.5-VL-7B weights alone                         15.45    15.5   15.66 (+ adapters)
 
-(``tests/test_memory.py`` holds these rows with their tolerances; the table in the final
-report of the memory work lists them too.) The textbook QLoRA rows are NOT fitted:
-``finetune="qlora"`` models what is understood (NF4 weights for the language model's
-linear layers, ``prepare_model_for_kbit_training`` upcasting every other weight to fp32,
-which makes the residual stream, the vision tower and the logits fp32); the measured
-QLoRA peaks are 1.3-3x higher than that (18.3 / 48.6 GiB measured for Qwen2.5-VL-7B at
-448 / 1000 px), an excess the reference itself calls unexplained. ``plan`` therefore adds
-the measured excess as an explicit, documented penalty (``QLORA_EXCESS``) and ranks
-QLoRA below bf16 LoRA whenever both fit.
+All bf16 LoRA rows are within 8 % (most within 3 %). The textbook QLoRA rows are NOT
+fitted: ``finetune="qlora"`` models what is understood (NF4 language-model linears;
+``prepare_model_for_kbit_training`` upcasting every other weight to fp32, which makes the
+residual stream, the vision tower and the logits fp32) and predicts 11.8 / 14.6 GiB where
+18.3 / 48.6 GiB were measured (Qwen2.5-VL-7B, 448 / 1000 px; SmolVLM-256M: 1.9 vs 11.3).
+The measured QLoRA figures land between this model with checkpointing and the same model
+with every activation stored (-9 % to +59 %), and QLoRA ran faster per token than
+checkpointed bf16 LoRA: both hint that checkpointing was not in effect in that recipe.
+``plan`` therefore charges QLoRA candidates the no-checkpointing figure, and ranks them
+below bf16 LoRA whenever both fit.
 
 Approximate by construction: attention is assumed memory-efficient (SDPA / flash: no
 sequence x sequence matrices), activations are counted for the phase that peaks (the
@@ -128,9 +134,9 @@ FULL_FT_H, FULL_FT_I = 2.0, 2.0
 RECOMPUTE_FACTOR = 2.0
 
 #: Vision block saved activations per patch (bf16), multiples of vision hidden vh / MLP vi:
-#: two norms (8vh each), attention (q, k, v, out: 8vh), MLP (gate/up/act: 6vi gated, 4vi
-#: plain fc1 + GELU).
-VISION_LAYER_H, VISION_LAYER_I_GATED, VISION_LAYER_I_PLAIN = 24.0, 6.0, 4.0
+#: two norms (fp32 input, 4vh each), attention (q, k, v, out: 8vh), MLP (gate out, its
+#: activation, up out: 6vi gated; fc1 out + GELU: 4vi plain). Frozen linears save nothing.
+VISION_LAYER_H, VISION_LAYER_I_GATED, VISION_LAYER_I_PLAIN = 16.0, 6.0, 4.0
 
 #: Memory allocated outside the model's tensors during a step (cuBLAS / cuDNN workspaces,
 #: the batch, rotary tables, small buffers), GiB. Calibrated (small).
@@ -223,19 +229,27 @@ def arch_from_config(cfg: dict[str, Any]) -> Arch:
         projector = vh * scale * scale * h
         gated, ppt = False, scale * scale
     else:
-        merge, tp, p = v.get("spatial_merge_size", 2), v.get("temporal_patch_size", 2), v.get(
-            "patch_size", 14
+        merge, tp, p = (
+            v.get("spatial_merge_size", 2),
+            v.get("temporal_patch_size", 2),
+            v.get("patch_size", 14),
         )
         if mt == "qwen2_vl":
             vh = v["embed_dim"]
             vi = vh * v.get("mlp_ratio", 4)
-            block = 4 * vh + (3 * vh * vh + 3 * vh) + (vh * vh + vh) + (vh * vi + vi) + (vi * vh + vh)
+            block = (
+                4 * vh + (3 * vh * vh + 3 * vh) + (vh * vh + vh) + (vh * vi + vi) + (vi * vh + vh)
+            )
             out, ln = v["hidden_size"], 2 * vh
             gated = False
         else:
             vh, vi = v["hidden_size"], v["intermediate_size"]
             block = (
-                2 * vh + (3 * vh * vh + 3 * vh) + (vh * vh + vh) + 2 * (vh * vi + vi) + (vi * vh + vh)
+                2 * vh
+                + (3 * vh * vh + 3 * vh)
+                + (vh * vh + vh)
+                + 2 * (vh * vi + vi)
+                + (vi * vh + vh)
             )
             out, ln = v["out_hidden_size"], vh
             gated = True
@@ -345,8 +359,12 @@ class Estimate:
         ]
         for k, v in sorted(self.breakdown.items(), key=lambda kv: -kv[1]):
             lines.append(f"  {k:<22} {v:8.2f} GiB")
-        lines.append(f"  {'peak allocated':<22} {self.peak_gib:8.2f} GiB  (phase: {self.peak_phase})")
-        lines.append(f"  {'on the device':<22} {self.device_gib:8.2f} GiB  (+ fragmentation, context)")
+        lines.append(
+            f"  {'peak allocated':<22} {self.peak_gib:8.2f} GiB  (phase: {self.peak_phase})"
+        )
+        lines.append(
+            f"  {'on the device':<22} {self.device_gib:8.2f} GiB  (+ fragmentation, context)"
+        )
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -367,7 +385,7 @@ def estimate(
     budget: Budget | None = None,
     gradient_checkpointing: bool = True,
     dtype: str = "bf16",
-    vision_no_grad: bool = False,
+    vision_no_grad: bool | None = None,
     optimizer: str = "adamw",
     lora_dropout: bool = True,
     kbit_upcast: bool = True,
@@ -380,8 +398,10 @@ def estimate(
     ``prepare_model_for_kbit_training`` does), "full" (language model + projector train;
     vision frozen) or "projector". ``visual_tokens`` overrides the count derived from
     ``image_size`` and ``budget`` (``vlmfit.budget.image_tokens``); ``images`` per sample.
-    ``vision_no_grad``: the frozen vision tower runs without autograd (stores nothing for
-    backward); False is what ``enable_input_require_grads`` does (vlmfit's LoRA default).
+    ``vision_no_grad``: True: the frozen vision tower runs without autograd (stores nothing
+    for backward); False: autograd tracks it (``enable_input_require_grads``); None: as
+    ``vlmfit.train.build_model`` does, i.e. tracked only for bf16 LoRA with gradient
+    checkpointing (the one path that calls ``enable_input_require_grads``).
     """
     spec = _spec(spec_or_name)
     if finetune not in ("lora", "qlora", "full", "projector"):
@@ -394,6 +414,8 @@ def estimate(
         raise ValueError("micro_batch >= 1, text_tokens >= 0 and lora_r >= 1 required")
     a = arch(spec)
     notes: list[str] = []
+    if vision_no_grad is None:
+        vision_no_grad = not (finetune == "lora" and gradient_checkpointing)
 
     # -- tokens
     if visual_tokens is None:
@@ -550,7 +572,7 @@ class Candidate:
     micro_batch: int
     max_image_tokens: int | None
     gradient_checkpointing: bool
-    vision_no_grad: bool
+    vision_no_grad: bool | None
     estimate: Estimate
     required_gib: float
     gpu_gib: float
@@ -577,7 +599,7 @@ class Candidate:
             "visual_tokens": e.visual_tokens,
             "sequence_tokens": e.sequence_tokens,
             "gradient_checkpointing": self.gradient_checkpointing,
-            "vision_no_grad": self.vision_no_grad,
+            "vision_no_grad": self.estimate.vision_no_grad,
             "peak_gib": round(e.peak_gib, 2),
             "required_gib": round(self.required_gib, 2),
             "headroom_gib": round(self.headroom_gib, 2),
@@ -607,7 +629,7 @@ def plan(
     micro_batches: tuple[int, ...] = (1, 2, 4, 8),
     max_image_tokens: tuple[int | None, ...] = (None, 1280, 1024, 512, 256),
     checkpointing: tuple[bool, ...] = (True, False),
-    vision_no_grad: bool = False,
+    vision_no_grad: bool | None = None,
     margin: float = 0.10,
     lora_r: int = 16,
 ) -> PlanResult:
@@ -894,7 +916,9 @@ def profile_steps(
         vision_without_autograd(model, spec)
     tensors = [*model.parameters(), *model.buffers()]
     weights_gib = (
-        torch.cuda.memory_allocated() if cuda else sum(t.numel() * t.element_size() for t in tensors)
+        torch.cuda.memory_allocated()
+        if cuda
+        else sum(t.numel() * t.element_size() for t in tensors)
     ) / GIB
     del tensors
     device = next(p.device for p in model.parameters())
@@ -922,7 +946,7 @@ def profile_steps(
     times: list[float] = []
     losses: list[float] = []
 
-    def step() -> float:
+    def step(model=model, batch=batch, opt=opt) -> float:
         if cuda:
             torch.cuda.synchronize()
         t = time.perf_counter()
@@ -959,7 +983,7 @@ def profile_steps(
             visual_tokens=visual,
             gradient_checkpointing=cfg.gradient_checkpointing,
             dtype=est_dtype,
-            vision_no_grad=vision_no_grad,
+            vision_no_grad=True if vision_no_grad else None,
             lora_dropout=cfg.lora_dropout > 0,
         ).peak_gib
     except Exception:  # noqa: BLE001 - an estimate is a bonus here, never a failure
@@ -988,7 +1012,7 @@ def profile_steps(
         "estimate_gib": est,
         "trainable_params": trainable,
     }
-    del model, processor, opt, params, batch
+    del model, processor, opt, params, batch, step
     free_memory()
     return result
 
@@ -1218,7 +1242,7 @@ def cli_plan(argv: list[str]) -> int:
             text_tokens=a.text_tokens,
             image_size=size,
             budget=budget,
-            vision_no_grad=a.vision_no_grad,
+            vision_no_grad=True if a.vision_no_grad else None,
         )
     except (_UsageError, registry.UnknownModelError, ValueError) as err:
         print(f"vlmfit plan: error: {err}", file=sys.stderr)
@@ -1229,7 +1253,7 @@ def cli_plan(argv: list[str]) -> int:
         text_tokens=a.text_tokens,
         image_size=size,
         finetune=a.finetune,
-        vision_no_grad=a.vision_no_grad,
+        vision_no_grad=True if a.vision_no_grad else None,
         margin=a.margin,
         lora_r=a.lora_r,
     )
@@ -1283,4 +1307,3 @@ __all__ = [
 
 if __name__ == "__main__":  # pragma: no cover
     raise SystemExit(_main())
-

@@ -75,18 +75,16 @@ def load_model(
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     qcfg = quantization_config(quantization, dtype)
-    if weights == "random" and not spec.tiny and not path:
+    if weights == "random" and not spec.tiny and not path and qcfg is not None:
+        # Quantize exactly as a real load does: random weights saved once, reloaded in 4-bit.
+        source = save_random(spec, dtype=dtype)
+    if weights == "random" and not spec.tiny and not path and qcfg is None:
         config = transformers.AutoConfig.from_pretrained(source)
         if attn_implementation:
             config._attn_implementation = attn_implementation
         target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         with target:
             model = cls._from_config(config, dtype=dtype)
-        if qcfg is not None:  # quantize like a real load would: save, reload quantized
-            raise ValueError(
-                "QLoRA with WEIGHTS=random: use vlmfit.models.save_random() first, then load the "
-                "saved folder with quantization"
-            )
     else:
         if qcfg is not None:
             kwargs["quantization_config"] = qcfg
@@ -97,6 +95,28 @@ def load_model(
         if device and qcfg is None:
             model.to(device)
     return model, processor
+
+
+def save_random(spec: ModelSpec, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Full-size random weights saved with ``save_pretrained`` (once), for quantized loads."""
+    from vlmfit import tiny
+
+    src = tiny.ensure_random(spec.name)
+    out = src.parent / f"{src.name}-weights-{str(dtype).split('.')[-1]}"
+    if (out / "config.json").exists() and any(out.glob("*.safetensors")):
+        return out
+    config = transformers.AutoConfig.from_pretrained(src)
+    cls = getattr(transformers, spec.family.model_class)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = cls._from_config(config, dtype=dtype)
+
+    def build(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        load_processor(src, spec.family.name).save_pretrained(tmp)
+
+    tiny._atomic_save(build, out)
+    del model
+    return out
 
 
 def module_groups(model, spec: ModelSpec) -> dict[str, list[str]]:

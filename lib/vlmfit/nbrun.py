@@ -65,6 +65,12 @@ _EXTERNAL = re.compile(
 )
 
 
+_EXTERNAL_IMPORT = re.compile(
+    r"<script\b[^>]*>(?:(?!</script>).)*?\bimport\s*\(\s*[\"']https?://(?:(?!</script>).)*</script>",
+    re.IGNORECASE | re.DOTALL,
+)
+
+
 def to_html(nb_path: str | Path, title: str | None = None) -> str:
     """Static HTML of an executed notebook: code folded away visually, nothing external."""
     import nbformat
@@ -77,6 +83,8 @@ def to_html(nb_path: str | Path, title: str | None = None) -> str:
     body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": title or ""}})
     # MathJax / require.js come from CDNs in nbconvert's template; reports need neither.
     body = _EXTERNAL.sub("", body)
+    # The lab template also import()s mermaid from a CDN when a page has a diagram.
+    body = _EXTERNAL_IMPORT.sub("", body)
     return body
 
 

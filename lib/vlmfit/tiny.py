@@ -30,6 +30,7 @@ from vlmfit.registry import CONFIG_DIR, Family, ModelSpec
 # Bump when the tiny builders change: cached tiny models are rebuilt.
 TINY_VERSION = "7"
 TINY_HIDDEN = int(os.environ.get("VLMFIT_TINY_HIDDEN", 128))  # width of tiny models
+TINY_LAYERS = int(os.environ.get("VLMFIT_TINY_LAYERS", 2))  # language-model depth
 DEFAULT_CACHE = Path(os.environ.get("VLMFIT_CACHE", Path.home() / ".cache" / "vlmfit"))
 
 # Text the tiny tokenizer is trained on: the bundled dataset's words, chat-template
@@ -147,7 +148,7 @@ def tiny_config(spec: ModelSpec, tokenizer):
     text = dict(
         hidden_size=TINY_HIDDEN,
         intermediate_size=2 * TINY_HIDDEN,
-        num_hidden_layers=2,
+        num_hidden_layers=TINY_LAYERS,
         num_attention_heads=4,
         num_key_value_heads=2,
         vocab_size=vocab,
@@ -202,7 +203,7 @@ def tiny_config(spec: ModelSpec, tokenizer):
     )
 
 
-def _strong_positions(model, std: float = float(os.environ.get("VLMFIT_TINY_POS_STD", 1.0))):
+def _strong_positions(model, std: float | None = None):
     """Give a tiny vision tower position embeddings on the scale of its patch embeddings.
 
     At the usual init (std 0.02) a 2-layer random ViT's outputs say *what* is in a patch
@@ -213,6 +214,7 @@ def _strong_positions(model, std: float = float(os.environ.get("VLMFIT_TINY_POS_
     """
     import torch
 
+    std = float(os.environ.get("VLMFIT_TINY_POS_STD", 0)) if std is None else std
     emb = getattr(getattr(getattr(model, "model", None), "vision_model", None), "embeddings", None)
     pos = getattr(emb, "position_embedding", None)
     if isinstance(pos, torch.nn.Embedding) and std > 0:
@@ -245,7 +247,8 @@ def ensure_tiny(name: str, cache_dir: str | Path | None = None, seed: int = 0) -
     spec = registry.get(name)
     if not spec.tiny:
         raise ValueError(f"{name} is not a tiny model")
-    out = Path(cache_dir or DEFAULT_CACHE) / f"{name}-v{TINY_VERSION}-s{seed}"
+    tag = f"h{TINY_HIDDEN}l{TINY_LAYERS}p{os.environ.get('VLMFIT_TINY_POS_STD', '0')}"
+    out = Path(cache_dir or DEFAULT_CACHE) / f"{name}-v{TINY_VERSION}-{tag}-s{seed}"
     if (out / "vlmfit_tiny.json").exists():
         return out
 
