@@ -31,6 +31,7 @@ PYTHON ?= python3#              base interpreter for .venv
 PYTHON_VERSION ?= 3.12#         for `make wheelhouse`
 WHEELS ?=#                      local wheel folder (offline installs)
 SYSTEM_SITE ?= 0#               1: .venv sees the system's packages (GPU host torch)
+GPU_GIB ?=#                     GPU memory for `make plan` (default: this machine's CUDA device)
 LAB_IP ?= 127.0.0.1
 LAB_PORT ?= 8888
 
@@ -102,7 +103,7 @@ profile: env data ## Measure memory and speed of MODEL's training step (memory l
 	  -p model $(MODEL) -p weights $(WEIGHTS) -p finetune $(FINETUNE) $(param_args)
 
 plan: env ## Predict peak memory for MODEL and pick a config that fits the GPU
-	$(PY) -m vlmfit plan --model $(MODEL) --finetune $(FINETUNE)
+	$(PY) -m vlmfit plan --model $(MODEL) $(if $(GPU_GIB),--gpu-gib $(GPU_GIB),)
 
 sft: env data ## Supervised fine-tuning (TRL SFTTrainer) of MODEL on DATA; report
 	$(NB) notebooks/sft.ipynb --name $(call run_id,sft) --reports $(REPORTS) \

@@ -1143,7 +1143,7 @@ def plot_ladder(rows: list[dict[str, Any]], unit: str = "GiB"):
     ok = [r for r in rows if "error" not in r]
     fig = Figure(figsize=(10, 3.8))
     ax1, ax2 = fig.subplots(1, 2)
-    labels = [str(r["label"])[:28] for r in ok]
+    labels = [str(r["label"])[:36] for r in ok]
     peaks = [r["peak_gib"] for r in ok]
     speeds = [r["tokens_per_s"] for r in ok]
     ax1.barh(labels, peaks, color="#1f77b4", label="measured")

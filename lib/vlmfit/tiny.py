@@ -117,7 +117,10 @@ def build_processor(spec: ModelSpec, tokenizer=None):
     if not has_torchvision():
         return qwen_image_only(ip, tokenizer, chat_template=fam.chat_template)
     return transformers.Qwen2VLProcessor(
-        image_processor=ip, tokenizer=tokenizer, chat_template=fam.chat_template
+        image_processor=ip,
+        tokenizer=tokenizer,
+        video_processor=transformers.Qwen2VLVideoProcessor(),
+        chat_template=fam.chat_template,
     )
 
 

@@ -66,29 +66,36 @@ def to_dpo_rows(records: list[Record]) -> list[dict[str, Any]]:
 
 
 def to_dataset(rows: list[dict[str, Any]]):
-    """A ``datasets.Dataset`` with an ``images`` column of PIL images (TRL's VLM layout)."""
-    import datasets
+    """A ``datasets.Dataset`` with an ``images`` column of PIL images (TRL's VLM layout).
 
-    features = None
-    if rows and rows[0].get("images") is not None:
-        cols = {k: [r[k] for r in rows] for k in rows[0]}
-        ds = datasets.Dataset.from_dict(cols)
-        features = ds.features.copy()
-        features["images"] = datasets.Sequence(datasets.Image())
-        return ds.cast(features)
-    return datasets.Dataset.from_list(rows)
-
-
-def use_preprocessed(cfg: RunConfig, result) -> RunConfig:
-    """Train on a preprocessing result: its cached records and its processor settings.
-
-    Idefics3 applies the visual-token budget through the processor (``size``); Qwen's
-    pre-resized images are a fixed point of its own resize, with ``max_pixels`` as guard.
+    Built straight from an Arrow table with a fingerprint of our own: ``from_dict`` would
+    hash every image's bytes through dill to make one (slow, and it fails on some
+    Python 3.12 / pyarrow combinations: "Can't pickle <class 'MonthDayNano'>").
     """
-    cfg.data = str(result.records_path)
-    manifest = runs.read_json(Path(result.path) / "manifest.json")
-    cfg.processor_kwargs = dict(manifest.get("processor_kwargs") or {})
-    return cfg
+    import hashlib
+    import json
+
+    import datasets
+    import pyarrow as pa
+    from datasets.table import InMemoryTable
+
+    cols = {k: [r[k] for r in rows] for k in rows[0]} if rows else {}
+    features = {}
+    for k, v in cols.items():
+        if k == "images":
+            features[k] = datasets.Sequence(datasets.Image())
+        else:
+            features[k] = datasets.Features.from_arrow_schema(
+                pa.Table.from_pydict({k: v}).schema
+            )[k]
+    features = datasets.Features(features)
+    encoded = features.encode_batch(cols)
+    table = pa.Table.from_pydict(encoded, schema=features.arrow_schema)
+    text = json.dumps({k: v for k, v in cols.items() if k != "images"}, sort_keys=True, default=str)
+    fp = hashlib.sha256(f"{len(rows)}:{text}".encode()).hexdigest()[:16]
+    return datasets.Dataset(
+        InMemoryTable(table), info=datasets.DatasetInfo(features=features), fingerprint=fp
+    )
 
 
 # ---------------------------------------------------------------------------- model
