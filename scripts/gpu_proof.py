@@ -103,8 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(env), flush=True)
     for model in a.models:
         pre = {}
-        for method, path in (("sft", "data/shapes/sft_train.json"), ("dpo", "data/shapes/dpo_train.json")):
-            r = preprocess.preprocess(path, model, weights="random", budget=Budget(), progress=False)
+        for method, path in (
+            ("sft", "data/shapes/sft_train.json"),
+            ("dpo", "data/shapes/dpo_train.json"),
+        ):
+            r = preprocess.preprocess(
+                path, model, weights="random", budget=Budget(), progress=False
+            )
             pre[method] = str(r.records_path)
         common = {
             "model": model,

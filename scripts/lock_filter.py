@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from pathlib import Path
 
 CUDA_ONLY = re.compile(r"^(nvidia-[\w-]+|triton|torchvision)==", re.IGNORECASE)
 
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--torch", choices=["cpu", "cuda"], default="cuda")
     p.add_argument("--environment-yml", action="store_true")
     a = p.parse_args(argv)
-    text = open(a.lock).read()
+    text = Path(a.lock).read_text()
     if a.environment_yml:
         sys.stdout.write(environment_yml(text))
     else:

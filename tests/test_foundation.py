@@ -1,6 +1,6 @@
 """The workbench frame: one source of pins, the Makefile front door, clean notebooks.
 
-    pytest -q tests/test_foundation.py
+pytest -q tests/test_foundation.py
 """
 
 from __future__ import annotations
@@ -19,10 +19,24 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import lock_filter  # noqa: E402
 
-REQUIRED_TARGETS = (
-    "setup demo preprocess profile sft dpo train plan bench lab test lint image "
-    "container-test wheelhouse clean"
-).split()
+REQUIRED_TARGETS = [
+    "setup",
+    "demo",
+    "preprocess",
+    "profile",
+    "sft",
+    "dpo",
+    "train",
+    "plan",
+    "bench",
+    "lab",
+    "test",
+    "lint",
+    "image",
+    "container-test",
+    "wheelhouse",
+    "clean",
+]
 
 
 def lock_pins() -> dict[str, str]:
@@ -42,7 +56,18 @@ def test_lock_has_exact_pins_for_every_direct_dependency():
     deps = [re.match(r"[A-Za-z0-9_.-]+", d).group(0) for d in project["dependencies"]]
     missing = [d for d in deps if d.lower() not in pins]
     assert not missing, f"pyproject dependencies missing from requirements.lock: {missing}"
-    for must in "torch transformers peft trl bitsandbytes datasets pillow papermill jupyterlab nbstripout".split():
+    for must in [
+        "torch",
+        "transformers",
+        "peft",
+        "trl",
+        "bitsandbytes",
+        "datasets",
+        "pillow",
+        "papermill",
+        "jupyterlab",
+        "nbstripout",
+    ]:
         assert must in pins, must
 
 
@@ -66,7 +91,9 @@ def test_cpu_filter_drops_cuda_wheels_only():
     cpu = lock_filter.filtered(text, "cpu")
     full = lock_filter.filtered(text, "cuda")
     dropped = {x.split("==")[0] for x in set(full) - set(cpu)}
-    assert dropped and all(d.startswith("nvidia-") or d in {"triton", "torchvision"} for d in dropped)
+    assert dropped and all(
+        d.startswith("nvidia-") or d in {"triton", "torchvision"} for d in dropped
+    )
     assert any(x.startswith("torch==") for x in cpu)
 
 
@@ -86,7 +113,9 @@ def test_make_default_goal_is_help():
 
 
 def test_lib_is_not_ignored_by_git():
-    inside = subprocess.run(["git", "rev-parse", "--is-inside-work-tree"], cwd=ROOT, capture_output=True)
+    inside = subprocess.run(
+        ["git", "rev-parse", "--is-inside-work-tree"], cwd=ROOT, capture_output=True
+    )
     if inside.returncode != 0:
         pytest.skip("not a git checkout (the container image excludes .git)")
     r = subprocess.run(

@@ -141,7 +141,7 @@ def test_layout_and_images(default_data: tuple[Path, dict[str, Any]]) -> None:
     assert on_disk["question_types"] == list(synth.QUESTION_TYPES)
     assert on_disk["answers"] == {t: list(a) for t, a in synth.ANSWERS.items()}
     assert on_disk["version"] == synth.GENERATOR_VERSION
-    sizes = {"sft_train": 600, "sft_test": 120, "dpo_train": 200, "dpo_test": 120}
+    sizes = {"sft_train": 2400, "sft_test": 120, "dpo_train": 200, "dpo_test": 120}
     assert {s: c["total"] for s, c in on_disk["counts"].items()} == sizes
     assert not list(out.parent.glob(".*"))  # no temporary folders left behind
     for name in SPLIT_FILES:

@@ -1,6 +1,6 @@
 """Training on tiny offline models: assistant-only loss, PEFT adapters, DPO, resume, config errors.
 
-    pytest -q tests/test_train.py
+pytest -q tests/test_train.py
 """
 
 from __future__ import annotations
@@ -54,7 +54,9 @@ def test_assistant_only_loss_unmasks_exactly_the_assistant_replies(name, tiny_ca
     from PIL import Image
 
     spec = registry.get(name)
-    cfg = RunConfig(model=name, runs_dir=str(tmp_path), finetune="full", gradient_checkpointing=False)
+    cfg = RunConfig(
+        model=name, runs_dir=str(tmp_path), finetune="full", gradient_checkpointing=False
+    )
     model, processor = train.build_model(cfg)
     img = Image.new("RGB", (64, 48), (200, 30, 30))
     messages = [
@@ -64,7 +66,9 @@ def test_assistant_only_loss_unmasks_exactly_the_assistant_replies(name, tiny_ca
         {"role": "assistant", "content": [{"type": "text", "text": "a square"}]},
     ]
     short = [messages[0], {"role": "assistant", "content": [{"type": "text", "text": "no"}]}]
-    ds = train.to_dataset([{"messages": messages, "images": [img]}, {"messages": short, "images": [img]}])
+    ds = train.to_dataset(
+        [{"messages": messages, "images": [img]}, {"messages": short, "images": [img]}]
+    )
     trainer = train.build_trainer(cfg, model, processor, ds, None, tmp_path, None)
     batch = trainer.data_collator([ds[0], ds[1]])
     tok = processor.tokenizer
@@ -85,7 +89,9 @@ def test_assistant_only_loss_unmasks_exactly_the_assistant_replies(name, tiny_ca
             runs.append(cur)
         texts = [tok.decode(ids[r]) for r in runs]
         assert [t.removesuffix("\n").removesuffix(end).strip() for t in texts] == expected
-        assert all(end in t for t in texts), "the end-of-turn token is trained (the model learns to stop)"
+        assert all(end in t for t in texts), (
+            "the end-of-turn token is trained (the model learns to stop)"
+        )
         image_id = tok.convert_tokens_to_ids(spec.family.image_token)
         assert not kept[ids == image_id].any(), "image tokens are masked"
         if "attention_mask" in batch:
@@ -105,7 +111,9 @@ def test_lora_sft_trains_saves_a_standard_peft_adapter_and_a_summary(shapes, tin
     summary = train.run(cfg, progress=False)
     out = Path(cfg.runs_dir) / cfg.run_id
     assert summary["global_step"] == 3
-    assert summary["train_loss"] == pytest.approx(summary["train_loss"]) and summary["train_loss"] > 0
+    assert (
+        summary["train_loss"] == pytest.approx(summary["train_loss"]) and summary["train_loss"] > 0
+    )
     for key in ("model", "method", "peak_memory_gib", "runtime_s", "eval_before", "eval_after"):
         assert key in summary
     assert 0.0 <= summary["eval_after"]["exact_match"] <= 1.0
@@ -196,7 +204,9 @@ def test_merge_adapter_matches_the_adapter_model(shapes, tiny_cache, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
 
-    cfg = _cfg(shapes, tmp_path, finetune="lora", lora_r=4, max_steps=2, init_lora_weights="gaussian")
+    cfg = _cfg(
+        shapes, tmp_path, finetune="lora", lora_r=4, max_steps=2, init_lora_weights="gaussian"
+    )
     train.run(cfg, progress=False)
     out = train.merge_adapter(cfg.run_id, tmp_path / "merged", runs_dir=cfg.runs_dir)
     merged = AutoModelForImageTextToText.from_pretrained(out)
@@ -253,7 +263,10 @@ def test_training_variants_take_a_step(flags, shapes, tiny_cache, tmp_path):
         ({"model": "llava-13b"}, "unknown model"),
         ({"finetune": "qlora"}, "needs a CUDA GPU"),
         ({"bf16": True}, "bf16"),
-        ({"train_vision": False, "train_projector": False, "train_language": False}, "everything is frozen"),
+        (
+            {"train_vision": False, "train_projector": False, "train_language": False},
+            "everything is frozen",
+        ),
         ({"finetune": "full", "use_dora": True}, "LoRA options"),
         ({"method": "dpo", "finetune": "full"}, "second copy"),
         ({"modle": "smolvlm"}, "unknown configuration key"),
@@ -270,7 +283,9 @@ def test_bad_configuration_fails_before_any_model_loads(overrides, message, monk
         validate(cfg)
 
 
-def test_dpo_on_data_without_preferences_fails_before_the_model_loads(shapes, tmp_path, monkeypatch):
+def test_dpo_on_data_without_preferences_fails_before_the_model_loads(
+    shapes, tmp_path, monkeypatch
+):
     monkeypatch.setattr(train, "build_model", lambda *a, **k: pytest.fail("model loaded"))
     cfg = _cfg(shapes, tmp_path, method="dpo", data=str(shapes / "sft_train.json"))
     with pytest.raises(ConfigError, match="needs preference data"):

@@ -110,12 +110,11 @@ def save_random(spec: ModelSpec, dtype: torch.dtype = torch.bfloat16) -> Path:
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = cls._from_config(config, dtype=dtype)
 
-    def build(tmp: Path) -> None:
+    def build(tmp: Path, model=model) -> None:
         model.save_pretrained(tmp)
         load_processor(src, spec.family.name).save_pretrained(tmp)
 
     tiny._atomic_save(build, out)
-    del model
     return out
 
 
@@ -162,9 +161,13 @@ def lora_targets(
     for n, m in model.named_modules():
         if not isinstance(m, torch.nn.Linear):
             continue
-        if projector and n.startswith(proj):
-            names.append(n)
-        elif vision and n.startswith(vis) and not n.startswith(proj):
+        if (
+            projector
+            and n.startswith(proj)
+            or vision
+            and n.startswith(vis)
+            and not n.startswith(proj)
+        ):
             names.append(n)
     if not names:
         raise ValueError(f"no LoRA target modules found for {spec.name}")

@@ -47,9 +47,7 @@ def qwen_image_only(image_processor, tokenizer, chat_template=None) -> Qwen2VLIm
     return Qwen2VLImageOnlyProcessor(image_processor, tokenizer, chat_template=chat_template)
 
 
-def load_processor(
-    path: str | Path, family: str, image_kwargs: dict | None = None, **kwargs
-):
+def load_processor(path: str | Path, family: str, image_kwargs: dict | None = None, **kwargs):
     """``AutoProcessor.from_pretrained`` with the image-only fallback for Qwen.
 
     ``image_kwargs`` override the image processor's settings (the visual-token budget

@@ -128,9 +128,18 @@ def sample_table(run_path: str | Path, n: int = 12) -> str:
 
 def summary_table(run_path: str | Path) -> str:
     s = runs.read_json(Path(run_path) / "summary.json")
-    keep = (
-        "run model weights method finetune global_step train_loss runtime_s peak_memory_gib device"
-    ).split()
+    keep = [
+        "run",
+        "model",
+        "weights",
+        "method",
+        "finetune",
+        "global_step",
+        "train_loss",
+        "runtime_s",
+        "peak_memory_gib",
+        "device",
+    ]
     rows = "".join(
         f"<tr><th>{k}</th><td>{html.escape(str(s.get(k)))}</td></tr>" for k in keep if k in s
     )

@@ -28,7 +28,7 @@ from typing import Any
 from vlmfit.registry import CONFIG_DIR, Family, ModelSpec
 
 # Bump when the tiny builders change: cached tiny models are rebuilt.
-TINY_VERSION = "7"
+TINY_VERSION = "8"
 TINY_HIDDEN = int(os.environ.get("VLMFIT_TINY_HIDDEN", 128))  # width of tiny models
 TINY_LAYERS = int(os.environ.get("VLMFIT_TINY_LAYERS", 2))  # language-model depth
 DEFAULT_CACHE = Path(os.environ.get("VLMFIT_CACHE", Path.home() / ".cache" / "vlmfit"))
@@ -207,17 +207,19 @@ def tiny_config(spec: ModelSpec, tokenizer):
 
 
 def _strong_positions(model, std: float | None = None):
-    """Give a tiny vision tower position embeddings on the scale of its patch embeddings.
+    """Give a tiny vision tower position embeddings a usable scale (std 0.15, not 0.02).
 
-    At the usual init (std 0.02) a 2-layer random ViT's outputs say *what* is in a patch
-    but hardly *where*, and a 2-layer language model cannot recover "where" from
-    attention scores alone (RoPE moves scores, not values): position questions then stay
-    at chance. Pretrained towers carry strong position signals; this gives the tiny one
-    the same property. Families with rotary vision positions (Qwen) are left alone.
+    At the usual init a 2-layer random ViT's outputs say *what* is in a patch but hardly
+    *where*, and a 2-layer language model cannot recover "where" from attention scores
+    alone (RoPE moves scores, not values): position questions stayed at chance (1/3)
+    in every run. Pretrained towers carry position signals; this gives the tiny one the
+    same property. Measured on the shapes dataset (2400 samples, 25 epochs, frozen tower):
+    std 0.02 -> position 0.33; 0.15 -> 1.00 with colour 1.00; 0.3 or 1.0 drowns the content
+    (colour falls to chance). Families with rotary vision positions (Qwen) are left alone.
     """
     import torch
 
-    std = float(os.environ.get("VLMFIT_TINY_POS_STD", 0)) if std is None else std
+    std = float(os.environ.get("VLMFIT_TINY_POS_STD", 0.15)) if std is None else std
     emb = getattr(getattr(getattr(model, "model", None), "vision_model", None), "embeddings", None)
     pos = getattr(emb, "position_embedding", None)
     if isinstance(pos, torch.nn.Embedding) and std > 0:
@@ -250,7 +252,7 @@ def ensure_tiny(name: str, cache_dir: str | Path | None = None, seed: int = 0) -
     spec = registry.get(name)
     if not spec.tiny:
         raise ValueError(f"{name} is not a tiny model")
-    tag = f"h{TINY_HIDDEN}l{TINY_LAYERS}p{os.environ.get('VLMFIT_TINY_POS_STD', '0')}"
+    tag = f"h{TINY_HIDDEN}l{TINY_LAYERS}p{os.environ.get('VLMFIT_TINY_POS_STD', '0.15')}"
     out = Path(cache_dir or DEFAULT_CACHE) / f"{name}-v{TINY_VERSION}-{tag}-s{seed}"
     if (out / "vlmfit_tiny.json").exists():
         return out

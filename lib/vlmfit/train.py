@@ -85,9 +85,9 @@ def to_dataset(rows: list[dict[str, Any]]):
         if k == "images":
             features[k] = datasets.Sequence(datasets.Image())
         else:
-            features[k] = datasets.Features.from_arrow_schema(
-                pa.Table.from_pydict({k: v}).schema
-            )[k]
+            features[k] = datasets.Features.from_arrow_schema(pa.Table.from_pydict({k: v}).schema)[
+                k
+            ]
     features = datasets.Features(features)
     encoded = features.encode_batch(cols)
     table = pa.Table.from_pydict(encoded, schema=features.arrow_schema)
@@ -98,6 +98,18 @@ def to_dataset(rows: list[dict[str, Any]]):
     )
 
 
+def use_preprocessed(cfg: RunConfig, result) -> RunConfig:
+    """Train on a preprocessing result: its cached records and its processor settings.
+
+    Idefics3 applies the visual-token budget through the processor (``size``); Qwen's
+    pre-resized images are a fixed point of its own resize, with ``max_pixels`` as guard.
+    """
+    cfg.data = str(result.records_path)
+    manifest = runs.read_json(Path(result.path) / "manifest.json")
+    cfg.processor_kwargs = dict(manifest.get("processor_kwargs") or {})
+    return cfg
+
+
 # ---------------------------------------------------------------------------- model
 
 
@@ -106,7 +118,9 @@ def _device() -> str:
 
 
 def _dtype(cfg: RunConfig) -> torch.dtype:
-    if cfg.bf16 or (cfg.bf16 is None and torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
+    if cfg.bf16 or (
+        cfg.bf16 is None and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    ):
         return torch.bfloat16
     return torch.float32
 
@@ -184,7 +198,9 @@ def build_model(cfg: RunConfig):
             language=cfg.train_language and not proj_only,
         )
         if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
         return model, processor
     for p in model.parameters():
         p.requires_grad_(False)
@@ -342,9 +358,7 @@ def run(cfg: RunConfig, origin: dict[str, str] | None = None, *, progress: bool 
 
     # Data first: bad data or DPO on non-preference data fails before the model loads.
     train_records = load_training_records(cfg.data, preference=cfg.method == "dpo")
-    eval_records = (
-        load_training_records(cfg.eval_data, preference=False) if cfg.eval_data else []
-    )
+    eval_records = load_training_records(cfg.eval_data, preference=False) if cfg.eval_data else []
     if cfg.eval_limit:
         eval_records = eval_records[: cfg.eval_limit]
     rows = to_dpo_rows(train_records) if cfg.method == "dpo" else to_sft_rows(train_records)
@@ -352,7 +366,9 @@ def run(cfg: RunConfig, origin: dict[str, str] | None = None, *, progress: bool 
     eval_ds = None
     if cfg.method == "dpo" and cfg.preference_eval_data:
         pref_eval = load_training_records(cfg.preference_eval_data, preference=True)
-        eval_ds = to_dataset(to_dpo_rows(pref_eval[: cfg.eval_limit] if cfg.eval_limit else pref_eval))
+        eval_ds = to_dataset(
+            to_dpo_rows(pref_eval[: cfg.eval_limit] if cfg.eval_limit else pref_eval)
+        )
 
     torch.manual_seed(cfg.seed)
     if torch.cuda.is_available():

@@ -339,7 +339,7 @@ def generate(
     *,
     seed: int = 0,
     image_size: int = 64,
-    n_train: int = 600,
+    n_train: int = 2400,
     n_test: int = 120,
     n_dpo_train: int = 200,
     n_dpo_test: int = 120,
@@ -474,7 +474,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default="data/shapes", help="output folder (data/shapes)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (0)")
     parser.add_argument("--image-size", type=int, default=64, help="image side in pixels (64)")
-    parser.add_argument("--n-train", type=int, default=600, help="SFT train samples (600)")
+    parser.add_argument("--n-train", type=int, default=2400, help="SFT train samples (2400)")
     parser.add_argument("--n-test", type=int, default=120, help="SFT test samples (120)")
     parser.add_argument("--n-dpo-train", type=int, default=200, help="DPO train samples (200)")
     parser.add_argument("--n-dpo-test", type=int, default=120, help="DPO test samples (120)")
