@@ -146,6 +146,7 @@ def test_check_reports_finds_problems(tmp_path: Path) -> None:
 def test_mermaid_report_stays_offline(tmp_path: Path) -> None:
     nb = _notebook(tmp_path / "mermaid.ipynb", "\n\n```mermaid\ngraph LR; data-->model\n```")
     nbrun.run_notebook(nb, "mermaid", {}, tmp_path / "reports", progress=False)
+    nbrun.write_index(tmp_path / "reports", runs_dir=tmp_path / "runs")
     assert browser.check_reports(tmp_path / "reports") == []
 
 

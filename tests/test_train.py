@@ -297,3 +297,12 @@ def test_cli_train_reports_configuration_errors(capsys):
 
     assert main(["train", "--model", "nope"]) == 2
     assert "unknown model" in capsys.readouterr().out
+
+
+def test_training_is_deterministic_under_a_seed(shapes, tiny_cache, tmp_path):
+    results = []
+    for i in range(2):
+        cfg = _cfg(shapes, tmp_path / str(i), model="tiny-smolvlm", finetune="full", seed=3)
+        s = train.run(cfg, progress=False)
+        results.append((s["train_loss"], s["eval_after"]))
+    assert results[0] == results[1]

@@ -117,7 +117,11 @@ def resolve(overrides: dict[str, Any] | None = None) -> tuple[RunConfig, dict[st
         raise ConfigError(f"unknown configuration key(s): {', '.join(unknown)}")
     values = {k: _coerce(k, v) for k, v in overrides.items()}
     cfg = RunConfig(**values)
-    origin = {k: ("override" if k in values else "default") for k in FIELDS}
+    defaults = RunConfig()
+    origin = {
+        k: ("override" if k in values and values[k] != getattr(defaults, k) else "default")
+        for k in FIELDS
+    }
     validate(cfg)
     return cfg, origin
 
