@@ -1,6 +1,6 @@
 """The embedded default, end to end: `make demo` on CPU with a tiny model (slow, ~3-4 min).
 
-    pytest -q -m slow tests/test_demo.py
+pytest -q -m slow tests/test_demo.py
 """
 
 from __future__ import annotations
@@ -48,5 +48,7 @@ def test_demo_learns_and_writes_linked_offline_reports(tmp_path, tiny_cache):
     from vlmfit import browser
 
     if browser.find_chromium() is None:
-        pytest.skip("chromium missing (scripts/ensure_browser.sh): reports not checked in a browser")
+        pytest.skip(
+            "chromium missing (scripts/ensure_browser.sh): reports not checked in a browser"
+        )
     assert browser.check_reports(tmp_path / "reports") == []
