@@ -660,6 +660,27 @@ def _describe(spec: ModelSpec, w: int, h: int, budget: Budget | None) -> tuple[s
     return text, info
 
 
+def add_budget_arguments(parser) -> None:
+    """The budget options shared by ``vlmfit tokens`` and ``vlmfit preprocess``."""
+    parser.add_argument("--max-image-tokens", type=int, help="visual tokens per image")
+    parser.add_argument("--max-pixels", type=int, help="pixels per image after resizing")
+    parser.add_argument("--max-longest-edge", type=int, help="px")
+    parser.add_argument("--min-image-tokens", type=int, help="Qwen only (min_pixels)")
+    split = parser.add_mutually_exclusive_group()
+    split.add_argument("--split", dest="do_image_splitting", action="store_true", default=None)
+    split.add_argument("--no-split", dest="do_image_splitting", action="store_false")
+
+
+def budget_from_args(args) -> Budget:
+    return Budget(
+        max_image_tokens=args.max_image_tokens,
+        max_pixels=args.max_pixels,
+        max_longest_edge=args.max_longest_edge,
+        min_image_tokens=args.min_image_tokens,
+        do_image_splitting=args.do_image_splitting,
+    )
+
+
 def cli_tokens(argv: list[str]) -> int:
     """``python -m vlmfit tokens --model MODEL --image WxH [budget flags] [--json]``.
 
@@ -669,26 +690,14 @@ def cli_tokens(argv: list[str]) -> int:
     parser = _Parser(prog="vlmfit tokens", description=cli_tokens.__doc__)
     parser.add_argument("--model", required=True, help="registry name or hub id")
     parser.add_argument("--image", required=True, help="WIDTHxHEIGHT in px, e.g. 1000x1000")
-    parser.add_argument("--max-image-tokens", type=int, help="visual tokens per image")
-    parser.add_argument("--max-pixels", type=int, help="pixels per image after resizing")
-    parser.add_argument("--max-longest-edge", type=int, help="px")
-    parser.add_argument("--min-image-tokens", type=int, help="Qwen only (min_pixels)")
-    split = parser.add_mutually_exclusive_group()
-    split.add_argument("--split", dest="do_image_splitting", action="store_true", default=None)
-    split.add_argument("--no-split", dest="do_image_splitting", action="store_false")
+    add_budget_arguments(parser)
     parser.add_argument("--video-frames", type=int, help="frames (after sampling); Qwen only")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     try:
         args = parser.parse_args(argv)
         w, h = _parse_size(args.image)
         spec = registry.get(args.model)
-        budget = Budget(
-            max_image_tokens=args.max_image_tokens,
-            max_pixels=args.max_pixels,
-            max_longest_edge=args.max_longest_edge,
-            min_image_tokens=args.min_image_tokens,
-            do_image_splitting=args.do_image_splitting,
-        )
+        budget = budget_from_args(args)
     except (_UsageError, registry.UnknownModelError, ValueError) as err:
         print(f"vlmfit tokens: error: {err}", file=sys.stderr)
         return 2

@@ -1034,13 +1034,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("data", help="a .json/.jsonl/.parquet/.arrow file or a dataset folder")
     p.add_argument("--model", required=True, help="registry name (python -m vlmfit tokens)")
     p.add_argument("--weights", default="hub", help="hub | random | a local model folder")
-    p.add_argument("--max-image-tokens", type=int, help="visual tokens per image")
-    p.add_argument("--max-pixels", type=int, help="pixels per image after resizing")
-    p.add_argument("--max-longest-edge", type=int, help="px")
-    p.add_argument("--min-image-tokens", type=int, help="Qwen only (min_pixels)")
-    split = p.add_mutually_exclusive_group()
-    split.add_argument("--split", dest="do_image_splitting", action="store_true", default=None)
-    split.add_argument("--no-split", dest="do_image_splitting", action="store_false")
+    B.add_budget_arguments(p)
     p.add_argument("--max-length", type=int, default=2048, help="tokens per sample")
     p.add_argument("--overlength", choices=POLICIES, default="drop", help="over max-length")
     p.add_argument("--skip-bad", action="store_true", help="skip bad records instead of failing")
@@ -1056,13 +1050,7 @@ def cli_preprocess(argv: list[str]) -> int:
     """``vlmfit preprocess``: 0 with a summary; 1 listing every problem; 2 on a usage error."""
     args = _parser().parse_args(argv)
     try:
-        budget = Budget(
-            max_image_tokens=args.max_image_tokens,
-            max_pixels=args.max_pixels,
-            max_longest_edge=args.max_longest_edge,
-            min_image_tokens=args.min_image_tokens,
-            do_image_splitting=args.do_image_splitting,
-        )
+        budget = B.budget_from_args(args)
         res = preprocess(
             args.data,
             args.model,
