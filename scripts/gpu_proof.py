@@ -8,6 +8,17 @@ and SFT with QLoRA (4-bit NF4, double quantization, bf16 compute; the random wei
 are saved once and reloaded quantized, as a hub load would). Each run writes its
 run folder; this script prints one table (steps, peak allocated GiB, s/step) and
 writes ``gpu_proof.json``. Needs CUDA; the same library calls as the notebooks.
+
+On a GPU host without internet whose Python lacks trl / datasets / bitsandbytes, the
+2026-11-23 H100 run carried them unpacked in one xz tarball (the device limit was 64 MiB):
+``pip download --no-deps --only-binary=:all: --python-version 3.12 --platform
+manylinux_2_28_x86_64 ...`` of trl, datasets, pyarrow, pandas, dill, multiprocess, xxhash,
+python-dateutil, six, tzdata, transformers and bitsandbytes at the lock's pins; unzip
+them into one folder; keep only ``libbitsandbytes_cuda130.so`` (the host's CUDA) and drop
+pyarrow's flight / cloud-filesystem modules (``libarrow_substrait`` must stay); then
+``tar c . | xz > .gpu/site.tar.xz`` (43 MB), and on the host
+``tar xJf .gpu/site.tar.xz -C /tmp/site && PYTHONPATH=/tmp/site:lib python3 scripts/gpu_proof.py``.
+With internet, `make setup` is all it takes.
 """
 
 from __future__ import annotations
