@@ -18,14 +18,14 @@ DATA ?= data/shapes/sft_train.json#  any supported format; default: the bundled 
 EVAL_DATA ?= data/shapes/sft_test.json
 DPO_DATA ?= data/shapes/dpo_train.json
 PREF_EVAL_DATA ?= data/shapes/dpo_test.json
-RUN ?=#                         run id (default: <method>-<model>)
+RUN ?=#                         SFT run id (default: sft-<model>; DPO's: <RUN>-dpo or dpo-<model>)
 FINETUNE ?= lora#               lora | qlora | full | projector
 MAX_IMAGE_TOKENS ?= 0#       visual-token budget per image (none: processor default)
 MAX_STEPS ?= -1
 EPOCHS ?= 1
 RESUME ?= 0#                    1: continue RUN from its last checkpoint
 DPO ?= 0#                       1: `make train` also runs DPO after SFT
-PARAMS ?=#                      extra notebook parameters: "name=value name=value"
+PARAMS ?=#                      extra sft/dpo notebook parameters: "name=value name=value"
 REPORTS ?= reports
 PYTHON ?= python3#              base interpreter for .venv
 PYTHON_VERSION ?= 3.12#         for `make wheelhouse`
@@ -50,7 +50,11 @@ PIP_SRC := $(if $(WHEELS),--no-index --find-links $(WHEELS),)
 # from a local CPU build when pip has one (find-links), else PyPI's.
 TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
 
-run_id = $(if $(RUN),$(RUN),$(1)-$(MODEL))
+# DPO trains an adapter (reference = adapter disabled): QLoRA after a QLoRA SFT, else LoRA.
+DPO_FINETUNE = $(if $(filter qlora,$(FINETUNE)),qlora,lora)
+# Run ids: RUN names the SFT run (DPO's is RUN-dpo); by default sft-MODEL and dpo-MODEL.
+SFT_RUN = $(if $(RUN),$(RUN),sft-$(MODEL))
+DPO_RUN = $(if $(RUN),$(RUN)-dpo,dpo-$(MODEL))
 param_args = $(foreach p,$(PARAMS),-p $(firstword $(subst =, ,$(p))) $(patsubst $(firstword $(subst =, ,$(p)))=%,%,$(p)))
 
 .PHONY: help setup env lock wheelhouse data demo preprocess profile plan sft dpo train \
@@ -96,25 +100,25 @@ data: env ## Generate the bundled shapes dataset into data/shapes (deterministic
 
 preprocess: env data ## Validate DATA, put images on MODEL's visual-token budget, data report
 	$(NB) notebooks/preprocess.ipynb --name preprocess-$(MODEL) --reports $(REPORTS) \
-	  -p data $(DATA) -p model $(MODEL) -p weights $(WEIGHTS) -p max_image_tokens $(MAX_IMAGE_TOKENS) $(param_args)
+	  -p data $(DATA) -p model $(MODEL) -p weights $(WEIGHTS) -p max_image_tokens $(MAX_IMAGE_TOKENS)
 
 profile: env data ## Measure memory and speed of MODEL's training step (memory ladder report)
 	$(NB) notebooks/profile.ipynb --name profile-$(MODEL) --reports $(REPORTS) \
-	  -p model $(MODEL) -p weights $(WEIGHTS) -p finetune $(FINETUNE) $(param_args)
+	  -p model $(MODEL) -p weights $(WEIGHTS) -p finetune $(FINETUNE)
 
 plan: env ## Predict peak memory for MODEL and pick a config that fits the GPU
 	$(PY) -m vlmfit plan --model $(MODEL) $(if $(GPU_GIB),--gpu-gib $(GPU_GIB),)
 
 sft: env data ## Supervised fine-tuning (TRL SFTTrainer) of MODEL on DATA; report
-	$(NB) notebooks/sft.ipynb --name $(call run_id,sft) --reports $(REPORTS) \
+	$(NB) notebooks/sft.ipynb --name $(SFT_RUN) --reports $(REPORTS) \
 	  -p model $(MODEL) -p weights $(WEIGHTS) -p data $(DATA) -p eval_data $(EVAL_DATA) \
-	  -p run $(call run_id,sft) -p finetune $(FINETUNE) -p max_steps $(MAX_STEPS) \
+	  -p run $(SFT_RUN) -p finetune $(FINETUNE) -p max_steps $(MAX_STEPS) \
 	  -p num_train_epochs $(EPOCHS) -p resume $(RESUME) -p max_image_tokens $(MAX_IMAGE_TOKENS) $(param_args)
 
 dpo: env data ## DPO (TRL DPOTrainer) from the SFT run's adapter (INIT=<run>) on DPO_DATA; report
-	$(NB) notebooks/dpo.ipynb --name $(call run_id,dpo) --reports $(REPORTS) \
+	$(NB) notebooks/dpo.ipynb --name $(DPO_RUN) --reports $(REPORTS) \
 	  -p model $(MODEL) -p weights $(WEIGHTS) -p data $(DPO_DATA) -p eval_data $(EVAL_DATA) -p preference_eval_data $(PREF_EVAL_DATA) \
-	  -p run $(call run_id,dpo) -p init_adapter $(if $(INIT),$(INIT),sft-$(MODEL)) \
+	  -p run $(DPO_RUN) -p init_adapter $(if $(INIT),$(INIT),$(SFT_RUN)) -p finetune $(DPO_FINETUNE) \
 	  -p max_steps $(MAX_STEPS) -p resume $(RESUME) $(param_args)
 
 train: preprocess sft ## Preprocess + SFT + evaluation (+ DPO with DPO=1) for MODEL; reports

@@ -171,7 +171,7 @@ def validate(cfg: RunConfig, *, cuda: bool | None = None) -> None:
         raise ConfigError("learning_rate must be positive")
     if cfg.method == "sft" and cfg.init_adapter:
         raise ConfigError("init_adapter is for DPO (start DPO from an SFT run's adapter)")
-    if cfg.method == "dpo" and cfg.finetune == "full" and not cfg.init_adapter:
+    if cfg.method == "dpo" and cfg.finetune in ("full", "projector"):
         raise ConfigError(
             "DPO with finetune=full would need a second copy of the weights as reference; "
             "vlmfit's DPO uses the base with the adapter disabled: use finetune=lora or qlora"

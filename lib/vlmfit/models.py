@@ -83,6 +83,7 @@ def load_model(
         if attn_implementation:
             config._attn_implementation = attn_implementation
         target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        torch.manual_seed(0)  # the same random weights as save_random() (QLoRA) writes
         with target:
             model = cls._from_config(config, dtype=dtype)
     else:
@@ -107,6 +108,7 @@ def save_random(spec: ModelSpec, dtype: torch.dtype = torch.bfloat16) -> Path:
         return out
     config = transformers.AutoConfig.from_pretrained(src)
     cls = getattr(transformers, spec.family.model_class)
+    torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = cls._from_config(config, dtype=dtype)
 
