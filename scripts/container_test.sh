@@ -237,7 +237,15 @@ if run_in sh -c 'test -w /opt/venv/lib' 2>/dev/null; then echo "FAIL: /opt/venv 
 echo "-- smoke pytest"
 run_in python -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning --rootdir /tmp /tmp/test_smoke_image.py
 echo "-- CONTAINER_TEST_CMD: $CONTAINER_TEST_CMD"
-run_in bash -c "$CONTAINER_TEST_CMD"
+# The peer fixtures (../shared beside the checkout) are mounted read-only beside the repo in
+# the image, where the tests look for them, so the data-format tests run there too.
+SHARED_DIR="$(dirname "$ROOT")/shared"
+if [ -d "$SHARED_DIR/fixtures" ]; then
+  "${B[@]}" run --isolation chroot --network host --user "$RUNUSER" --workingdir "$WORKDIR" \
+    --volume "$SHARED_DIR:$(dirname "$WORKDIR")/shared:ro" "$CTR" -- bash -c "$CONTAINER_TEST_CMD"
+else
+  run_in bash -c "$CONTAINER_TEST_CMD"
+fi
 phase_end
 
 echo

@@ -32,7 +32,7 @@ from vlmfit.data.media import (
 )
 from vlmfit.records import MediaRef
 
-DEMO = Path("/work/shared/fixtures/llamafactory_mllm_demo/mllm_demo_data")
+DEMO = Path(__file__).resolve().parents[2] / "shared/fixtures/llamafactory_mllm_demo/mllm_demo_data"
 needs_demo = pytest.mark.skipif(not DEMO.is_dir(), reason="demo media not available")
 
 

@@ -21,7 +21,7 @@ from vlmfit.budget import Budget
 from vlmfit.data import media
 from vlmfit.records import DataError
 
-FIXTURE = Path("/work/shared/fixtures/llamafactory_mllm_demo")
+FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "llamafactory_mllm_demo"
 VIDEO_DEMO = FIXTURE / "mllm_video_demo.json"
 
 

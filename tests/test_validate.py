@@ -21,7 +21,7 @@ from vlmfit.data import media, validate
 from vlmfit.data.validate import check_dataset, validate_records
 from vlmfit.records import DataError, MediaRef, Record
 
-DEMO = Path("/work/shared/fixtures/llamafactory_mllm_demo")
+DEMO = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "llamafactory_mllm_demo"
 needs_demo = pytest.mark.skipif(not DEMO.is_dir(), reason=f"shared fixture {DEMO} absent")
 LINE = re.compile(r"^(?P<file>[^:]+):(?P<record>[^:]+): (?P<reason>.+)$")
 

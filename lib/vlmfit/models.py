@@ -78,6 +78,9 @@ def load_model(
     if weights == "random" and not spec.tiny and not path and qcfg is not None:
         # Quantize exactly as a real load does: random weights saved once, reloaded in 4-bit.
         source = save_random(spec, dtype=dtype)
+        if torch.cuda.is_available():  # building them is set-up, not part of the run's peak
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
     if weights == "random" and not spec.tiny and not path and qcfg is None:
         config = transformers.AutoConfig.from_pretrained(source)
         if attn_implementation:
