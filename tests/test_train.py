@@ -306,3 +306,13 @@ def test_training_is_deterministic_under_a_seed(shapes, tiny_cache, tmp_path):
         s = train.run(cfg, progress=False)
         results.append((s["train_loss"], s["eval_after"]))
     assert results[0] == results[1]
+
+
+def test_hub_revision_is_pinned_and_can_be_overridden():
+    from vlmfit.models import resolve_source
+
+    spec = registry.get("qwen2.5-vl-3b")
+    assert resolve_source(spec, "hub") == (spec.hub_id, spec.revision)
+    assert resolve_source(spec, "hub", "abc123") == (spec.hub_id, "abc123")
+    cfg, origin = resolve({"revision": "abc123"})
+    assert cfg.revision == "abc123" and origin["revision"] == "override"

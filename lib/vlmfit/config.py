@@ -23,6 +23,7 @@ class RunConfig:
     # What
     model: str = "smolvlm"  # registry name (vlmfit.registry); tiny-* run offline
     weights: str = "hub"  # hub | random (published architecture, random weights) | a local folder
+    revision: str | None = None  # hub revision (commit sha) overriding the registry's pin
     method: Literal["sft", "dpo"] = "sft"
     data: str = "data/shapes/sft_train.json"  # any supported format (vlmfit.data.formats)
     eval_data: str | None = "data/shapes/sft_test.json"  # held-out split for generation eval

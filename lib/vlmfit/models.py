@@ -23,7 +23,9 @@ from vlmfit.procs import load_processor
 from vlmfit.registry import ModelSpec
 
 
-def resolve_source(spec: ModelSpec, weights: str) -> tuple[str | Path, str | None]:
+def resolve_source(
+    spec: ModelSpec, weights: str, revision: str | None = None
+) -> tuple[str | Path, str | None]:
     """Where ``from_pretrained`` reads from, and the revision (None for local folders)."""
     from vlmfit import tiny
 
@@ -32,7 +34,7 @@ def resolve_source(spec: ModelSpec, weights: str) -> tuple[str | Path, str | Non
     if weights == "random":
         return tiny.ensure_random(spec.name), None
     if weights == "hub":
-        return spec.hub_id, spec.revision
+        return spec.hub_id, revision or spec.revision
     path = Path(weights)  # a local folder with a downloaded / merged model
     if not path.is_dir():
         raise ValueError(f"WEIGHTS must be 'hub', 'random' or an existing folder, got {weights!r}")
@@ -65,9 +67,10 @@ def load_model(
     device: str | torch.device | None = None,
     path: str | Path | None = None,
     processor_kwargs: dict[str, Any] | None = None,
+    revision: str | None = None,
 ):
     """Load (or build) the model and its processor (``processor_kwargs``: image settings)."""
-    source, revision = (path, None) if path else resolve_source(spec, weights)
+    source, revision = (path, None) if path else resolve_source(spec, weights, revision)
     cls = getattr(transformers, spec.family.model_class)
     rev = {"revision": revision} if revision else {}
     processor = load_processor(source, spec.family.name, processor_kwargs, **rev)

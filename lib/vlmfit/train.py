@@ -183,6 +183,7 @@ def build_model(cfg: RunConfig):
         device=_device(),
         path=full_init,
         processor_kwargs=cfg.processor_kwargs,
+        revision=cfg.revision,
     )
     if adapter_init is not None and quant == "none":
         # Fold the SFT adapter into the weights: DPO's reference (adapter disabled) is then
