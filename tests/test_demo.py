@@ -45,6 +45,14 @@ def test_demo_learns_and_writes_linked_offline_reports(tmp_path, tiny_cache):
     for name in ("preprocess-tiny-smolvlm", "sft-tiny-smolvlm", "dpo-tiny-smolvlm"):
         assert (tmp_path / f"reports/{name}.html").exists()
         assert f'href="{name}.html"' in index
+    # the training reports carry their figures (loss / lr / grad-norm curves, memory timeline)
+    import re
+
+    for name in ("sft-tiny-smolvlm", "dpo-tiny-smolvlm"):
+        page = (tmp_path / f"reports/{name}.html").read_text()
+        plots = re.findall(r'<img (?![^>]*alt="sample")[^>]*src="data:image/png', page)
+        assert len(plots) >= 2, f"{name}: {len(plots)} figures"
+        assert 'alt="sample"' in page, "evaluation table with sample images"
     from vlmfit import browser
 
     if browser.find_chromium() is None:

@@ -15,9 +15,8 @@ from vlmfit import runs
 
 
 def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
+    # No backend is forced: the notebook's inline backend draws the figures into the report
+    # (forcing Agg here kept every training plot out of the HTML).
     import matplotlib.pyplot as plt
 
     return plt
