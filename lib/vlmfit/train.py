@@ -274,7 +274,7 @@ def _metrics_callback(log: runs.MetricsLog):
 # ------------------------------------------------------------------------- training
 
 
-def training_args(cfg: RunConfig, out: Path, n_train: int):
+def training_args(cfg: RunConfig, out: Path, n_train: int, progress: bool = True):
     """TRL config (SFTConfig / DPOConfig) from the run configuration."""
     from trl import DPOConfig, SFTConfig
 
@@ -301,7 +301,9 @@ def training_args(cfg: RunConfig, out: Path, n_train: int):
         remove_unused_columns=False,
         dataloader_num_workers=cfg.dataloader_num_workers,
         use_cpu=not torch.cuda.is_available(),
-        disable_tqdm=False,
+        # Off in reports: in a notebook the Trainer prints a table row per log step (the
+        # curves in the report show the same numbers as plots).
+        disable_tqdm=not progress,
     )
     if cfg.method == "sft":
         # VLMs: no truncation inside the trainer (it would cut image tokens: "Image features
@@ -310,10 +312,12 @@ def training_args(cfg: RunConfig, out: Path, n_train: int):
     return DPOConfig(beta=cfg.beta, max_length=None, precompute_ref_log_probs=False, **common)
 
 
-def build_trainer(cfg: RunConfig, model, processor, train_ds, eval_ds, out: Path, log):
+def build_trainer(
+    cfg: RunConfig, model, processor, train_ds, eval_ds, out: Path, log, progress: bool = True
+):
     from trl import DPOTrainer, SFTTrainer
 
-    args = training_args(cfg, out, len(train_ds))
+    args = training_args(cfg, out, len(train_ds), progress)
     optimizer = make_optimizer(cfg, model)
     kwargs: dict[str, Any] = dict(
         model=model,
@@ -380,7 +384,7 @@ def run(cfg: RunConfig, origin: dict[str, str] | None = None, *, progress: bool 
     trainable = _trainable(model)
 
     before = ev.evaluate_generation(model, processor, eval_records, cfg, progress=progress)
-    trainer = build_trainer(cfg, model, processor, train_ds, eval_ds, out, log)
+    trainer = build_trainer(cfg, model, processor, train_ds, eval_ds, out, log, progress)
     resume_from = None
     if cfg.resume:
         ck = runs.last_checkpoint(out)
