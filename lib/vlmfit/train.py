@@ -329,9 +329,13 @@ def build_trainer(
     )
     if optimizer is not None:
         kwargs["optimizers"] = (optimizer, None)
-    if cfg.method == "sft":
-        return SFTTrainer(**kwargs)
-    return DPOTrainer(**kwargs)  # PEFT model + no ref_model: reference = adapter disabled
+    # PEFT model + no ref_model: DPO's reference is the base with the adapter disabled.
+    trainer = SFTTrainer(**kwargs) if cfg.method == "sft" else DPOTrainer(**kwargs)
+    if not progress:  # reports: the metrics log and the curves carry the numbers
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+    return trainer
 
 
 def save_model(model, processor, out: Path) -> Path:
@@ -353,6 +357,10 @@ def run(cfg: RunConfig, origin: dict[str, str] | None = None, *, progress: bool 
     from vlmfit import evaluate as ev
 
     validate(cfg)
+    if not progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Writing model shards" bars at every checkpoint
     out = runs.run_dir(cfg.runs_dir, cfg.run_id)
     if out.exists() and not cfg.resume:
         shutil.rmtree(out)  # a fresh run of the same id replaces the old one
