@@ -72,7 +72,6 @@ class RunConfig:
     eval_limit: int | None = None  # evaluate on the first N held-out samples
     eval_batch_size: int = 16
     dataloader_num_workers: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def run_id(self) -> str:

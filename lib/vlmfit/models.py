@@ -18,7 +18,6 @@ from typing import Any
 import torch
 import transformers
 
-from vlmfit import registry
 from vlmfit.procs import load_processor
 from vlmfit.registry import ModelSpec
 
@@ -180,13 +179,3 @@ def lora_targets(
     if not names:
         raise ValueError(f"no LoRA target modules found for {spec.name}")
     return names
-
-
-def trainable_summary(model) -> dict[str, float]:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"total": total, "trainable": trainable, "percent": 100.0 * trainable / max(total, 1)}
-
-
-def get(name: str) -> ModelSpec:
-    return registry.get(name)

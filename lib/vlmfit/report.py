@@ -157,6 +157,5 @@ def config_table(cfg, origin: dict[str, str]) -> str:
     rows = "".join(
         f"<tr><th>{k}</th><td>{html.escape(repr(v))}</td><td>{origin.get(k, '')}</td></tr>"
         for k, v in d.items()
-        if k != "extra"
     )
     return f"<table><tr><th>key</th><th>value</th><th>from</th></tr>{rows}</table>"

@@ -366,7 +366,8 @@ def run(cfg: RunConfig, origin: dict[str, str] | None = None, *, progress: bool 
         shutil.rmtree(out)  # a fresh run of the same id replaces the old one
     out.mkdir(parents=True, exist_ok=True)
     runs.write_json(out / "config.json", {"config": cfg.to_dict(), "origin": origin or {}})
-    runs.write_json(out / "environment.json", runs.environment())
+    env = runs.environment()
+    runs.write_json(out / "environment.json", env)
     log = runs.MetricsLog(out / "metrics.jsonl")
 
     # Data first: bad data or DPO on non-preference data fails before the model loads.
@@ -419,7 +420,7 @@ def run(cfg: RunConfig, origin: dict[str, str] | None = None, *, progress: bool 
         "train_samples": len(train_ds),
         "trainable_params": trainable,
         "peak_memory_gib": _peak_memory(log),
-        "device": runs.environment()["gpu"] or "cpu",
+        "device": env["gpu"] or "cpu",
         "eval_before": before["metrics"],
         "eval_after": after["metrics"],
         "dpo_eval": {k: float(v) for k, v in dpo_eval.items() if isinstance(v, int | float)},
