@@ -269,7 +269,7 @@ def test_wrong_override_gives_clear_problems(tmp_path: Path) -> None:
     assert "no 'prompt', 'chosen', 'rejected'" in res.problems[0].reason
     assert load_records(path, fmt="parquet").problems[0].reason.startswith("not a parquet file")
     with pytest.raises(ValueError, match="unknown format"):
-        load_records(path, fmt="alpaca")
+        load_records(path, fmt="sharegpt4v")
     assert "hf_disk" in FORMATS
 
 
@@ -447,7 +447,8 @@ def test_saved_dataset_dict_split(tmp_path: Path) -> None:
     DatasetDict({"train": ds, "test": ds.select([0])}).save_to_disk(str(tmp_path / "dd"))
     res = load_records(tmp_path / "dd", split="test")
     assert len(res.records) == 1 and res.records[0].source == str(tmp_path / "dd" / "test")
-    assert len(load_records(tmp_path / "dd").records) == 3
+    assert len(load_records(tmp_path / "dd").records) == 2  # split="train" by default
+    assert len(load_records(tmp_path / "dd", split=None).records) == 3
     (p,) = load_records(tmp_path / "dd", split="dev").problems
     assert p.reason.startswith("no split 'dev'")
 

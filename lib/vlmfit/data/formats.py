@@ -8,66 +8,93 @@ Usage::
     result.fmt, result.counts        # ('llamafactory', {'llamafactory': 6})
     result.records[0].messages[0]    # {'role': 'user', 'content': [{'type': 'image'}, ...]}
     result.problems                  # [Problem('x.jsonl', 7, 'invalid JSON: ...'), ...]
+    result.skipped                   # ['data/notes.md: not a data file (.md)', ...]
 
 ``path`` is a ``.json`` / ``.jsonl`` / ``.parquet`` / ``.arrow`` file, a folder written by
-``datasets.Dataset.save_to_disk``, or a folder of data files (each read, format detected per
-file; ``split="train"`` keeps the files whose name has a ``train`` token). Source files are
-only read, never written. A record that cannot be read becomes a :class:`Problem`
-(``FILE:RECORD: reason``, RECORD being the 0-based index in a JSON array, the 1-based line in
-JSONL, the 0-based row in a table, ``-`` for the whole file) and is left out of ``records``;
-the rest still load. What to do about problems is :mod:`vlmfit.data.validate`'s policy.
+``datasets.Dataset.save_to_disk``, a folder of data files (each read, format detected per
+file; ``split="train"``, the default, keeps that split: :mod:`vlmfit.data.files`), or a
+LLaMA-Factory dataset_dir with a dataset name (``dataset="mllm_demo"`` or the path
+``DATASET_DIR/mllm_demo``: :mod:`vlmfit.data.dataset_info`). Source files are only read,
+never written. A record that cannot be read becomes a :class:`Problem` (``FILE:RECORD:
+reason``, RECORD being the 0-based index in a JSON array, the 1-based line in JSONL, the
+0-based row in a table, ``-`` for the whole file) and is left out of ``records``; the rest
+still load. A dataset mixing SFT and preference records is refused whole. What to do about
+problems is :mod:`vlmfit.data.validate`'s policy.
 
 Formats (detected from the keys of the first recognisable record; ``fmt=`` overrides):
 
 ``llamafactory``
-    LLaMA-Factory / ShareGPT: ``messages`` (``role``/``content``) or ``conversations``
-    (``from``/``value``; ``human``/``gpt``/``system``, also ``user``/``assistant``), optional
-    ``system`` string, ``<image>``/``<video>`` placeholders in the text, ``images``/``videos``
-    paths relative to the data file.
+    LLaMA-Factory sharegpt / openai, ms-swift SFT: ``messages`` (``role``/``content``) or
+    ``conversations`` (``from``/``value``; ``human``/``gpt``/``system``), optional ``system``
+    string, ``<image>``/``<video>`` placeholders in the text, ``images``/``videos`` paths
+    relative to the data file.
+``llava``
+    LLaVA instruct / pretrain JSON: ``conversations`` (human / gpt) and a singular ``image``
+    (or ``video``) path.
 ``llamafactory_preference``
     The same plus ``chosen``/``rejected``, each one assistant message (or a string).
+``alpaca`` / ``alpaca_preference``
+    LLaMA-Factory's default format: ``instruction`` (+ ``input`` on a new line) is the user
+    turn, ``output`` the answer (preference: ``chosen`` / ``rejected`` strings), optional
+    ``system`` and ``history`` (``[[instruction, response], ...]`` turns before it).
+``swift_preference``
+    ms-swift RLHF: ``messages`` ending with the chosen answer, and ``rejected_response``
+    (a string) or ``rejected_messages`` (the same conversation with the rejected answer;
+    ``rejected_images`` must equal ``images``: one image set per pair).
 ``unsloth``
-    ``{"text": "...<image_no_1>...", "images": [...], "videos": [...]}``. ``<image_no_N>`` is
-    the N-th (1-based) entry of the record's list, so an entry may be used twice or out of
-    list order; MediaRefs follow placeholder order. A text record has no roles, and guessing
-    them from markers (``User:``, ``<|im_start|>``, ``###``...) would silently train on the
-    wrong tokens, so it is read captioning-style: one user turn holding the media in
-    placeholder order (followed by the record's ``question`` / ``instruction`` string, if it
-    has one), and one assistant turn holding the text with the placeholders removed (the
-    text pieces between placeholders are stripped and joined with one space).
+    ``{"text": "...<image_no_1>...", "images": [...]}``. ``<image_no_N>`` is the N-th
+    (1-based) entry of the record's list. A text record has no roles, and guessing them from
+    markers would silently train on the wrong tokens, so it is read captioning-style: one
+    user turn holding the media in placeholder order (then the record's ``question`` /
+    ``instruction`` string, if any), one assistant turn holding the text without placeholders.
 ``trl``
     TRL conversational: ``messages`` whose ``content`` is a list of parts (``{"type":
     "image"}``, ``{"type": "text", "text": ...}``) and an ``images`` column of paths, of
     ``{"bytes", "path"}`` dicts as Hugging Face ``Image`` features store them, or PIL images.
-``trl_preference``
-    TRL preference (RLAIF-V layout): ``prompt`` (messages, or a plain string), ``chosen`` and
-    ``rejected`` (one assistant message in a list, a message, or a plain string), ``images``.
+``trl_prompt_completion``
+    TRL prompt / completion, conversational (message lists) or plain strings.
+``trl_preference`` / ``trl_implicit_preference``
+    ``prompt`` (messages or a string), ``chosen``, ``rejected`` (RLAIF-V layout); or, with an
+    implicit prompt, only ``chosen`` / ``rejected``, whose shared beginning (the common
+    messages, or TRL's common text prefix) is the prompt.
+``cauldron``
+    the_cauldron: ``images`` and ``texts`` (``[{"user", "assistant", "source"}, ...]``); the
+    images open the first user turn, as in the Idefics2 / the_cauldron recipes.
 ``hf_disk`` / ``parquet``
     Containers: the rows are read with Arrow (images stay encoded bytes, decoded later by
-    :mod:`vlmfit.data.media`) and interpreted by their columns as one of the formats above;
-    ``counts`` names that inner format.
+    :mod:`vlmfit.data.media`) and interpreted by their columns as one of the formats above.
+
+Media in content parts: a part may carry its own source, as in Qwen's and Unsloth's
+examples (``{"type": "image", "image": "a.jpg"}``, ``"file://..."``, a ``data:`` URI, a
+PIL image or an HF ``{"bytes", "path"}`` dict; also ``"path"`` / ``"url"`` keys) or
+OpenAI's ``{"type": "image_url", "image_url": {"url": ...}}``. ``data:`` URIs are decoded in
+memory. Parts either all carry sources or none does (then ``images`` binds them in order).
 
 Placeholders: string content is split on ``<image>``, ``<video>``, ``<image_no_N>`` and
 ``<video_no_N>`` into ordered content parts, and the number of media parts must equal the
-number of media (``placeholder/media mismatch: 2 <image> placeholders but 1 image``). No
-image is ever inserted where the data has no placeholder (TRL prepends images to a
-placeholder-less string prompt; vlmfit rejects it instead of guessing). A literal
-``<image>`` inside a text *part* is rejected too: chat templates would turn it into an image
-token that has no image. Media paths must stay inside the data file's folder: absolute
-paths, ``..`` escapes and symlinks resolving outside are rejected without being opened.
+number of media. No image is ever inserted where the data has no placeholder (except the
+cauldron layout above). A literal ``<image>`` inside a text *part* is rejected too. Media
+paths must stay inside the data file's folder: ``..`` escapes, absolute paths and symlinks
+resolving outside are rejected without being opened. Not implemented, so refused per
+record: grounding ``objects`` (ms-swift), boolean ``label`` / ``kto_tag`` (KTO), URLs.
 """
 
 from __future__ import annotations
 
-import json
+import base64
+import binascii
 import os
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
+from vlmfit.data import dataset_info
+from vlmfit.data.files import DATA_SUFFIXES, FILE, Row, find_units, read_disk, read_rows
+from vlmfit.data.files import type_name as _type
 from vlmfit.records import MediaRef, Problem, Record, text_part
 
 __all__ = [
@@ -81,12 +108,22 @@ __all__ = [
     "resolve_media_path",
 ]
 
-ROW_FORMATS = ("llamafactory", "llamafactory_preference", "unsloth", "trl", "trl_preference")
+ROW_FORMATS = (
+    "llamafactory",
+    "llava",
+    "llamafactory_preference",
+    "alpaca",
+    "alpaca_preference",
+    "swift_preference",
+    "unsloth",
+    "trl",
+    "trl_prompt_completion",
+    "trl_preference",
+    "trl_implicit_preference",
+    "cauldron",
+)
 CONTAINER_FORMATS = ("hf_disk", "parquet")
 FORMATS = ROW_FORMATS + CONTAINER_FORMATS
-DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".arrow")
-# JSON files of a dataset folder that hold metadata, not records.
-METADATA_FILES = frozenset({"dataset_info.json", "dataset_dict.json", "state.json", "meta.json"})
 ROLES = {
     "system": "system",
     "user": "user",
@@ -95,12 +132,13 @@ ROLES = {
     "gpt": "assistant",
 }
 PLACEHOLDER = re.compile(r"<(image|video)(?:_no_(\d+))?>")
-FILE = "-"  # RECORD of a problem about a whole file
-_BATCH = 1024
+SWIFT_REJECTED = ("rejected_response", "rejected_messages", "rejected_images")
 EXPECTED = (
-    "llamafactory (messages|conversations), llamafactory_preference (messages|conversations, "
-    "chosen, rejected), unsloth (text), trl (messages with content parts), "
-    "trl_preference (prompt, chosen, rejected)"
+    "llamafactory / llava (messages|conversations), llamafactory_preference (+ chosen, "
+    "rejected), swift_preference (+ rejected_response|rejected_messages), alpaca (instruction, "
+    "output), alpaca_preference (instruction, chosen, rejected), unsloth (text), trl_prompt_"
+    "completion (prompt, completion), trl_preference (prompt, chosen, rejected), "
+    "trl_implicit_preference (chosen, rejected), cauldron (texts)"
 )
 
 
@@ -117,6 +155,7 @@ class LoadResult:
     records: list[Record] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)  # good records per (inner) format
+    skipped: list[str] = field(default_factory=list)  # "PATH: reason" per file not read
 
 
 # --------------------------------------------------------------------------- detection
@@ -126,17 +165,26 @@ def detect_format(record: Any) -> str | None:
     """The row format of one raw record from its keys, or ``None`` if unrecognisable."""
     if not isinstance(record, dict):
         return None
-    conv = "messages" if "messages" in record else "conversations"
+    conv = next((k for k in ("messages", "conversations") if isinstance(record.get(k), list)), None)
+    if conv and any(k in record for k in SWIFT_REJECTED):
+        return "swift_preference"
     if record.get("chosen") is not None and record.get("rejected") is not None:
         if "prompt" in record:
             return "trl_preference"
-        if conv in record:
+        if conv:
             return "llamafactory_preference"
-        return None
-    if isinstance(record.get("messages"), list):
-        return "trl" if _has_part_lists(record["messages"]) else "llamafactory"
-    if isinstance(record.get("conversations"), list):
-        return "llamafactory"
+        return "alpaca_preference" if "instruction" in record else "trl_implicit_preference"
+    if "prompt" in record and "completion" in record:
+        return "trl_prompt_completion"
+    if conv == "messages" and _has_part_lists(record["messages"]):
+        return "trl"
+    if conv:
+        singular = ("image" in record or "video" in record) and "images" not in record
+        return "llava" if singular else "llamafactory"
+    if isinstance(record.get("texts"), list):
+        return "cauldron"
+    if isinstance(record.get("instruction"), str):
+        return "alpaca"
     if isinstance(record.get("text"), str):
         return "unsloth"
     return None
@@ -190,11 +238,19 @@ def _part(part: Any, where: str) -> dict[str, Any]:
     if not isinstance(part, dict):
         raise RecordError(f"malformed record: {where} is not an object (got {_type(part)})")
     kind = part.get("type")
-    if kind in ("image", "video"):
-        return {"type": kind, "_n": None}
+    if kind in ("image", "video"):  # the source, if the part carries one (Qwen, Unsloth)
+        src = next((part[k] for k in (kind, "path", "url") if part.get(k) is not None), None)
+        return {"type": kind, "_n": None, "_src": src}
+    if kind in ("image_url", "video_url"):  # OpenAI: {"image_url": {"url": ...}} or a string
+        value = part.get(kind)
+        url = value.get("url") if isinstance(value, dict) else value
+        if not isinstance(url, str):
+            raise RecordError(f"malformed record: {where} has no {kind}.url string")
+        return {"type": kind.removesuffix("_url"), "_n": None, "_src": url}
     if kind != "text":
         raise RecordError(
-            f"unsupported content part: type {kind!r} in {where} (expected text, image, video)"
+            f"unsupported content part: type {kind!r} in {where} "
+            "(expected text, image, video, image_url)"
         )
     text = part.get("text") or ""
     if not isinstance(text, str):
@@ -222,6 +278,14 @@ def _split_text(text: str) -> list[dict[str, Any]]:
     return parts
 
 
+def _user(text: str) -> dict[str, Any]:
+    return {"role": "user", "content": _split_text(text)}
+
+
+def _assistant(text: str) -> dict[str, Any]:
+    return {"role": "assistant", "content": _split_text(text)}
+
+
 # --------------------------------------------------------------------------- formats
 
 
@@ -241,10 +305,13 @@ def _conversation(raw: dict[str, Any], fmt: str) -> list[dict[str, Any]]:
     key = "messages" if "messages" in raw else "conversations" if "conversations" in raw else None
     if key is None:
         raise _not_this(raw, fmt, "no 'messages' or 'conversations'")
-    turns = _turns(raw[key], key)
+    return _with_system(raw, _turns(raw[key], key))
+
+
+def _with_system(raw: dict[str, Any], turns: list[dict[str, Any]]) -> list[dict[str, Any]]:
     system = raw.get("system")
-    if isinstance(system, str) and system:  # ShareGPT's optional system prompt field
-        turns.insert(0, {"role": "system", "content": [text_part(system)]})
+    if isinstance(system, str) and system:  # ShareGPT / alpaca optional system prompt field
+        return [{"role": "system", "content": [text_part(system)]}, *turns]
     return turns
 
 
@@ -262,6 +329,14 @@ def _answer(raw: Any, where: str) -> list[dict[str, Any]]:
     return [_message(raw, where, "assistant")]
 
 
+def _prompt(prompt: Any) -> list[dict[str, Any]]:
+    if isinstance(prompt, str):
+        return [_user(prompt)]
+    if isinstance(prompt, dict):
+        return [_message(prompt, "prompt")]
+    return _turns(prompt, "prompt")
+
+
 def _llamafactory(raw: dict[str, Any]) -> _Draft:
     _no_preference(raw, "llamafactory")
     return _Draft(_conversation(raw, "llamafactory"))
@@ -275,6 +350,70 @@ def _llamafactory_preference(raw: dict[str, Any]) -> _Draft:
     return _Draft(messages, _answer(raw["chosen"], "chosen"), _answer(raw["rejected"], "rejected"))
 
 
+def _alpaca_prompt(raw: dict[str, Any], fmt: str) -> list[dict[str, Any]]:
+    """LLaMA-Factory's alpaca prompt: history pairs, then ``instruction\\ninput``."""
+    if not isinstance(raw.get("instruction"), str):
+        raise _not_this(raw, fmt, "no 'instruction' string")
+    history = raw.get("history") or []
+    if not isinstance(history, list):
+        raise RecordError(f"malformed record: 'history' must be a list, got {_type(history)}")
+    turns: list[dict[str, Any]] = []
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, list | tuple) and len(pair) == 2 and all(map(_is_str, pair))):
+            raise RecordError(
+                f"malformed record: history[{i}] must be an [instruction, response] pair"
+            )
+        turns += [_user(pair[0]), _assistant(pair[1])]
+    query = [x for x in (raw["instruction"], raw.get("input")) if isinstance(x, str) and x]
+    return _with_system(raw, [*turns, _user("\n".join(query))])
+
+
+def _alpaca(raw: dict[str, Any]) -> _Draft:
+    _no_preference(raw, "alpaca")
+    prompt = _alpaca_prompt(raw, "alpaca")
+    if not isinstance(raw.get("output"), str):
+        raise _not_this(raw, "alpaca", "no 'output' string")
+    return _Draft([*prompt, _assistant(raw["output"])])
+
+
+def _alpaca_preference(raw: dict[str, Any]) -> _Draft:
+    fmt = "alpaca_preference"
+    prompt = _alpaca_prompt(raw, fmt)
+    for side in ("chosen", "rejected"):
+        if not isinstance(raw.get(side), str):
+            raise _not_this(raw, fmt, f"'{side}' must be a string")
+    return _Draft(prompt, [_assistant(raw["chosen"])], [_assistant(raw["rejected"])])
+
+
+def _swift_preference(raw: dict[str, Any]) -> _Draft:
+    if "rejected_response" not in raw and "rejected_messages" not in raw:
+        raise RecordError(
+            "unsupported preference: 'rejected_images' without 'rejected_response' or "
+            "'rejected_messages' pairs two images, not two answers (vlmfit's DPO compares two "
+            "answers to one prompt)"
+        )
+    key = "messages" if "messages" in raw else "conversations"
+    turns = _turns(raw[key], key)
+    if not turns or turns[-1]["role"] != "assistant":
+        raise RecordError(f"malformed record: '{key}' must end with the chosen assistant turn")
+    if "rejected_messages" in raw:
+        other = _turns(raw["rejected_messages"], "rejected_messages")
+        if other[:-1] != turns[:-1] or not other or other[-1]["role"] != "assistant":
+            raise RecordError(
+                "unsupported preference: 'rejected_messages' must repeat "
+                f"'{key}' up to a different last assistant turn (one prompt, two answers)"
+            )
+        rejected = other[-1:]
+    else:
+        rejected = [_message(raw["rejected_response"], "rejected_response", "assistant")]
+    if "rejected_images" in raw and _entries(raw, "rejected_images") != _entries(raw, "images"):
+        raise RecordError(
+            "unsupported preference: 'rejected_images' differ from 'images'; vlmfit's DPO "
+            "shows both answers the same images"
+        )
+    return _Draft(_with_system(raw, turns[:-1]), turns[-1:], rejected)
+
+
 def _trl(raw: dict[str, Any]) -> _Draft:
     _no_preference(raw, "trl")
     if "messages" not in raw:
@@ -282,19 +421,54 @@ def _trl(raw: dict[str, Any]) -> _Draft:
     return _Draft(_turns(raw["messages"], "messages"))
 
 
+def _trl_prompt_completion(raw: dict[str, Any]) -> _Draft:
+    _no_preference(raw, "trl_prompt_completion")
+    if "prompt" not in raw or "completion" not in raw:
+        raise _not_this(raw, "trl_prompt_completion", "no 'prompt' and 'completion'")
+    return _Draft(_prompt(raw["prompt"]) + _answer(raw["completion"], "completion"))
+
+
 def _trl_preference(raw: dict[str, Any]) -> _Draft:
     fmt = "trl_preference"
     missing = [k for k in ("prompt", "chosen", "rejected") if k not in raw]
     if missing:
         raise _not_this(raw, fmt, f"no {', '.join(repr(k) for k in missing)}")
-    prompt = raw["prompt"]
-    if isinstance(prompt, str):
-        messages = [{"role": "user", "content": _split_text(prompt)}]
-    elif isinstance(prompt, dict):
-        messages = [_message(prompt, "prompt")]
-    else:
-        messages = _turns(prompt, "prompt")
+    messages = _prompt(raw["prompt"])
     return _Draft(messages, _answer(raw["chosen"], "chosen"), _answer(raw["rejected"], "rejected"))
+
+
+def _trl_implicit_preference(raw: dict[str, Any]) -> _Draft:
+    """TRL's implicit prompt: the shared beginning of ``chosen`` and ``rejected``."""
+    chosen, rejected = raw.get("chosen"), raw.get("rejected")
+    if chosen == rejected:
+        raise RecordError("chosen identical to rejected: the pair teaches nothing")
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        n = next(
+            i
+            for i, (a, b) in enumerate(zip(chosen + "\0", rejected + "\1", strict=False))
+            if a != b
+        )
+        if n and chosen[n - 1] == " ":  # the space belongs to the answers, as in TRL
+            n -= 1
+        if n == 0:
+            raise RecordError(
+                "no shared prompt: implicit-prompt chosen and rejected differ at once"
+            )
+        return _Draft([_user(chosen[:n])], [_assistant(chosen[n:])], [_assistant(rejected[n:])])
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        c, r = _turns(chosen, "chosen"), _turns(rejected, "rejected")
+        n = next(
+            (i for i, (a, b) in enumerate(zip(c, r, strict=False)) if a != b), min(len(c), len(r))
+        )
+        if n == 0:
+            raise RecordError(
+                "no shared prompt: implicit-prompt chosen and rejected differ at once"
+            )
+        return _Draft(c[:n], c[n:], r[n:])
+    raise RecordError(
+        "malformed record: implicit-prompt 'chosen' and 'rejected' must both be strings or "
+        f"both message lists, got {_type(chosen)} and {_type(rejected)}"
+    )
 
 
 def _unsloth(raw: dict[str, Any]) -> _Draft:
@@ -311,20 +485,61 @@ def _unsloth(raw: dict[str, Any]) -> _Draft:
     return _Draft([{"role": "user", "content": user}, {"role": "assistant", "content": assistant}])
 
 
+def _cauldron(raw: dict[str, Any]) -> _Draft:
+    texts = raw.get("texts")
+    if not isinstance(texts, list):
+        raise _not_this(raw, "cauldron", "no 'texts' list")
+    turns: list[dict[str, Any]] = []
+    for i, t in enumerate(texts):
+        if not (isinstance(t, dict) and _is_str(t.get("user")) and _is_str(t.get("assistant"))):
+            raise RecordError(f"malformed record: texts[{i}] needs 'user' and 'assistant' strings")
+        turns += [_user(t["user"]), _assistant(t["assistant"])]
+    has_slots = any(p["type"] != "text" for m in turns for p in m["content"])
+    if turns and not has_slots:  # the layout's own rule: the images open the first user turn
+        slots = [{"type": "image", "_n": None} for _ in _entries(raw, "images")]
+        turns[0]["content"] = slots + turns[0]["content"]
+    return _Draft(turns)
+
+
 PARSERS: dict[str, Callable[[dict[str, Any]], _Draft]] = {
     "llamafactory": _llamafactory,
+    "llava": _llamafactory,
     "llamafactory_preference": _llamafactory_preference,
+    "alpaca": _alpaca,
+    "alpaca_preference": _alpaca_preference,
+    "swift_preference": _swift_preference,
     "unsloth": _unsloth,
     "trl": _trl,
+    "trl_prompt_completion": _trl_prompt_completion,
     "trl_preference": _trl_preference,
+    "trl_implicit_preference": _trl_implicit_preference,
+    "cauldron": _cauldron,
 }
+
+
+def _refuse_unsupported(raw: dict[str, Any]) -> None:
+    """Fields of tasks vlmfit does not implement: reading on would train on the wrong thing."""
+    if raw.get("objects"):
+        raise RecordError(
+            "grounding not supported: 'objects' fills ms-swift's <ref-object> / <bbox> "
+            "placeholders with boxes, which vlmfit does not implement"
+        )
+    label = raw.get("label", raw.get("kto_tag"))
+    if isinstance(label, bool):
+        raise RecordError(
+            "unpaired preference not supported: a true/false 'label' / 'kto_tag' marks KTO "
+            "data; vlmfit trains SFT and paired DPO"
+        )
 
 
 # --------------------------------------------------------------------------- media
 
 
 def _entries(raw: dict[str, Any], key: str) -> list[Any]:
+    """The media column ``key`` (``images``...), or LLaVA's singular ``image`` / ``video``."""
     value = raw.get(key)
+    if value is None and key in ("images", "videos"):
+        value = raw.get(key[:-1])
     if value is None:
         return []
     if isinstance(value, list | tuple):
@@ -362,20 +577,32 @@ def _bind(slots: list[int | None], entries: list[Any], kind: str) -> list[Any]:
     return [entries[n - 1] for n in numbered]
 
 
+def _bound(raw: dict[str, Any], parts: list[dict[str, Any]], kind: str) -> list[Any]:
+    """The media of one kind in part order: from the parts themselves, or the column."""
+    sources = [p.get("_src") for p in parts]
+    column = _entries(raw, f"{kind}s")
+    if not any(s is not None for s in sources):
+        return _bind([p["_n"] for p in parts], column, kind)
+    if not all(s is not None for s in sources):
+        raise RecordError(f"malformed record: some {kind} parts carry a source, others do not")
+    if column:
+        raise RecordError(f"malformed record: {kind}s given twice, in content parts and '{kind}s'")
+    return sources
+
+
 def resolve_media_path(origin: str, base: Path) -> MediaRef:
     """Resolve a media path written in the data, relative to the data file's folder ``base``.
 
-    Raises :class:`RecordError` for URLs, absolute paths, ``..`` escapes and symlinks that
+    Raises :class:`RecordError` for URLs, ``..`` escapes, absolute paths and symlinks that
     resolve outside ``base``; only the path is inspected, the file is never opened.
     """
     if not origin.strip():
         raise RecordError("malformed record: empty media path")
-    if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", origin):
+    path = unquote(urlparse(origin).path) if origin.startswith("file://") else origin
+    if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", path):
         raise RecordError(f"unsupported media: {origin!r} is a URL (only local files are read)")
     root = base.resolve()
-    if os.path.isabs(origin) or Path(origin).is_absolute():
-        raise RecordError(f"path escapes the dataset folder: {origin!r} is absolute")
-    joined = Path(os.path.normpath(root / origin))
+    joined = Path(os.path.normpath(root / path))  # an absolute path replaces root
     if not joined.is_relative_to(root):
         raise RecordError(
             f"path escapes the dataset folder: {origin!r} resolves outside {str(base)!r}"
@@ -388,10 +615,27 @@ def resolve_media_path(origin: str, base: Path) -> MediaRef:
     return MediaRef(path=str(real), origin=origin)
 
 
+def _data_uri(uri: str, where: str) -> MediaRef:
+    """A ``data:[type];base64,...`` URI, decoded in memory."""
+    header, _, payload = uri.partition(",")
+    if not header.endswith(";base64"):
+        raise RecordError(f"unsupported media: {where} is a data URI without ;base64")
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise RecordError(f"malformed record: {where} data URI is not valid base64 ({e})") from None
+    if not data:
+        raise RecordError(f"malformed record: {where} data URI is empty")
+    return MediaRef(data=data, origin=f"{where} ({header}, {len(data)} bytes)")
+
+
 def _media_ref(entry: Any, kind: str, k: int, base: Path) -> MediaRef:
-    """One ``images``/``videos`` entry: a path, an HF ``{"bytes", "path"}`` dict, bytes, PIL."""
+    """One media entry: a path, ``file://`` / ``data:`` URI, HF ``{"bytes", "path"}`` dict,
+    bytes or a PIL image."""
     where = f"{kind}s[{k}]"
     if isinstance(entry, str):
+        if entry.startswith("data:"):
+            return _data_uri(entry, where)
         return resolve_media_path(entry, base)
     if isinstance(entry, dict):
         data, path = entry.get("bytes"), entry.get("path")
@@ -404,6 +648,8 @@ def _media_ref(entry: Any, kind: str, k: int, base: Path) -> MediaRef:
         return MediaRef(data=bytes(entry), origin=f"{where} (embedded)")
     if _is_pil(entry):
         return MediaRef(data=entry, origin=f"{where} (embedded)")
+    if kind == "video" and isinstance(entry, list):
+        raise RecordError(f"unsupported media: {where} is a list of frames; give the video file")
     raise RecordError(f"malformed record: {where} is {_type(entry)}, not a path or an image")
 
 
@@ -422,15 +668,15 @@ def parse_record(raw: Any, fmt: str, *, base: Path, source: str, index: int | st
     """Turn one raw record into a :class:`Record`; raises :class:`RecordError` with a reason."""
     if not isinstance(raw, dict):
         raise RecordError(f"record is not an object: got {_type(raw)}")
+    _refuse_unsupported(raw)
     draft = PARSERS[fmt](raw)
     turns = draft.messages + (draft.chosen or []) + (draft.rejected or [])
     media: dict[str, list[MediaRef]] = {}
     errors: list[str] = []
     for kind in ("image", "video"):
-        slots = [p["_n"] for m in turns for p in m["content"] if p["type"] == kind]
-        bound = _bind(slots, _entries(raw, f"{kind}s"), kind)
+        parts = [p for m in turns for p in m["content"] if p["type"] == kind]
         media[kind] = []
-        for k, entry in enumerate(bound):
+        for k, entry in enumerate(_bound(raw, parts, kind)):
             try:
                 media[kind].append(_media_ref(entry, kind, k, base))
             except RecordError as e:
@@ -439,6 +685,7 @@ def parse_record(raw: Any, fmt: str, *, base: Path, source: str, index: int | st
         raise RecordError("; ".join(dict.fromkeys(errors)))
     for part in (p for m in turns for p in m["content"]):
         part.pop("_n", None)
+        part.pop("_src", None)
     return Record(
         messages=draft.messages,
         images=media["image"],
@@ -451,141 +698,14 @@ def parse_record(raw: Any, fmt: str, *, base: Path, source: str, index: int | st
     )
 
 
-# --------------------------------------------------------------------------- files
-
-
-Row = tuple[int | str, Any]  # (RECORD, raw record)
-
-
-def _read_json(path: Path, source: str) -> tuple[list[Row], list[Problem]]:
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as e:
-        return [], [Problem(source, FILE, f"unreadable file: {e}")]
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        if e.msg == "Extra data" and text.lstrip().startswith("{"):  # JSON Lines named .json
-            return _read_jsonl_text(text, source)
-        return [], [Problem(source, FILE, f"invalid JSON: {e}")]
-    if not isinstance(data, list):
-        return [], [
-            Problem(source, FILE, f"malformed file: top level must be an array, got {_type(data)}")
-        ]
-    return list(enumerate(data)), []
-
-
-def _read_jsonl(path: Path, source: str) -> tuple[list[Row], list[Problem]]:
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as e:
-        return [], [Problem(source, FILE, f"unreadable file: {e}")]
-    return _read_jsonl_text(text, source)
-
-
-def _read_jsonl_text(text: str, source: str) -> tuple[list[Row], list[Problem]]:
-    rows: list[Row] = []
-    problems: list[Problem] = []
-    for line_no, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append((line_no, json.loads(line)))
-        except json.JSONDecodeError as e:
-            problems.append(Problem(source, line_no, f"invalid JSON: {e.msg} (column {e.colno})"))
-    return rows, problems
-
-
-def _arrow_rows(batches: Iterable[Any]) -> list[Row]:
-    """Rows of Arrow record batches as Python dicts; Image features stay {bytes, path}."""
-    rows: list[Row] = []
-    for batch in batches:
-        rows.extend(enumerate(batch.to_pylist(), start=len(rows)))
-    return rows
-
-
-def _read_parquet(path: Path, source: str) -> tuple[list[Row], list[Problem]]:
-    import pyarrow.parquet as pq
-
-    try:
-        return _arrow_rows(pq.ParquetFile(path).iter_batches(batch_size=_BATCH)), []
-    except Exception as e:  # pyarrow raises several types for damaged files
-        return [], [Problem(source, FILE, f"unreadable parquet file: {e}")]
-
-
-def _read_arrow(path: Path, source: str) -> tuple[list[Row], list[Problem]]:
-    import datasets
-
-    try:
-        ds = datasets.Dataset.from_file(str(path))
-        return _arrow_rows(ds.with_format("arrow").iter(batch_size=_BATCH)), []
-    except Exception as e:  # pyarrow raises several types for damaged files
-        return [], [Problem(source, FILE, f"unreadable arrow file: {e}")]
-
-
-def is_saved_dataset(path: Path) -> bool:
-    """A folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``."""
-    return path.is_dir() and (
-        (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
-    )
-
-
-def _read_disk(path: Path, split: str | None) -> Iterator[tuple[str, list[Row], list[Problem]]]:
-    """(source, rows, problems) per split of a ``save_to_disk`` folder."""
-    import datasets
-
-    try:
-        loaded = datasets.load_from_disk(str(path))
-    except Exception as e:  # damaged or foreign folder
-        yield str(path), [], [Problem(str(path), FILE, f"unreadable saved dataset: {e}")]
-        return
-    if isinstance(loaded, datasets.DatasetDict):
-        names = [split] if split else list(loaded)
-        for name in names:
-            source = str(path / name)
-            if name not in loaded:
-                yield source, [], [Problem(source, FILE, f"no split {name!r} (has {list(loaded)})")]
-            else:
-                yield source, _arrow_rows(loaded[name].with_format("arrow").iter(_BATCH)), []
-    else:
-        yield str(path), _arrow_rows(loaded.with_format("arrow").iter(batch_size=_BATCH)), []
-
-
-READERS = {
-    ".json": _read_json,
-    ".jsonl": _read_jsonl,
-    ".parquet": _read_parquet,
-    ".arrow": _read_arrow,
-}
-
-
-def _units(root: Path, split: str | None, top: Path | None = None) -> list[Path]:
-    """Data files and saved datasets under a folder (saved datasets are not descended).
-
-    With ``split``, a file is kept when its path below ``top`` has ``split`` as a token
-    (``sft_train.json``, ``data/train-00000-of-00001.parquet``, ``train/x.jsonl``).
-    """
-    top = top or root
-    if is_saved_dataset(root):
-        return [root]
-    found: list[Path] = []
-    for child in sorted(root.iterdir()):
-        if child.name.startswith("."):
-            continue
-        if child.is_dir():
-            found += _units(child, split, top)
-        elif child.suffix in DATA_SUFFIXES and child.name not in METADATA_FILES:
-            tokens = re.split(r"[^A-Za-z0-9]+", str(child.relative_to(top).with_suffix("")))
-            if split is None or split in tokens:
-                found.append(child)
-    return found
-
-
 # --------------------------------------------------------------------------- entry point
 
 
+Remap = Callable[[Any], Any] | None
+
+
 def _parse_rows(
-    rows: list[Row], fmt: str | None, base: Path, source: str, result: LoadResult
+    rows: list[Row], fmt: str | None, base: Path, source: str, result: LoadResult, remap: Remap
 ) -> str | None:
     """Parse one file's rows into ``result``; returns the row format used.
 
@@ -593,6 +713,8 @@ def _parse_rows(
     record is read with it; a record no format recognises is reported as such.
     """
     auto = fmt is None
+    if remap:
+        rows = [(index, remap(raw)) for index, raw in rows]
     if auto:
         fmt = next((f for _i, raw in rows if (f := detect_format(raw))), None)
     for index, raw in rows:
@@ -616,61 +738,125 @@ def _unrecognised(raw: Any) -> str:
 
 
 def _load_unit(
-    unit: Path, shown: str, fmt: str | None, split: str | None, result: LoadResult
+    unit: Path,
+    fmt: str | None,
+    split: str | None,
+    result: LoadResult,
+    base: Path | None = None,
+    remap: Remap = None,
 ) -> str:
     """Read one file or saved dataset; returns its format (container name if any)."""
     row_fmt = fmt if fmt in ROW_FORMATS else None
     if unit.is_dir():
         if fmt not in (None, "hf_disk", *ROW_FORMATS):
-            result.problems.append(Problem(shown, FILE, f"a saved dataset folder, not {fmt!r}"))
+            result.problems.append(Problem(str(unit), FILE, f"a saved dataset folder, not {fmt!r}"))
             return "hf_disk"
-        for source, rows, problems in _read_disk(unit, split):
+        for source, rows, problems in read_disk(unit, split):
             result.problems += problems
-            _parse_rows(rows, row_fmt, unit, source, result)
+            _parse_rows(rows, row_fmt, base or unit, source, result, remap)
         return "hf_disk"
     container = {".parquet": "parquet", ".arrow": "hf_disk"}.get(unit.suffix)
     if fmt in CONTAINER_FORMATS and fmt != container:
-        result.problems.append(Problem(shown, FILE, f"not a {fmt} file (suffix {unit.suffix!r})"))
+        result.problems.append(Problem(str(unit), FILE, f"not a {fmt} file ({unit.suffix!r})"))
         return fmt
-    rows, problems = READERS[unit.suffix](unit, shown)
+    rows, problems = read_rows(unit, str(unit))
     result.problems += problems
-    used = _parse_rows(rows, row_fmt, unit.parent, shown, result)
+    used = _parse_rows(rows, row_fmt, base or unit.parent, str(unit), result, remap)
     return container or used or "unknown"
 
 
+def _load_declared(folder: Path, name: str, split: str | None, result: LoadResult) -> set[str]:
+    """A LLaMA-Factory dataset_dir entry (see :mod:`vlmfit.data.dataset_info`)."""
+    if not name:
+        names = ", ".join(dataset_info.names(folder)) or "none"
+        reason = (
+            f"a LLaMA-Factory dataset_dir: name one of its datasets ({names}) with "
+            f"dataset=NAME / --dataset NAME, or give the path {folder}/NAME"
+        )
+        result.problems.append(Problem(str(folder), FILE, reason))
+        return set()
+    try:
+        entry = dataset_info.declared(folder, name)
+    except dataset_info.DatasetInfoError as e:
+        result.problems.append(Problem(str(folder / dataset_info.INFO_FILE), FILE, str(e)))
+        return set()
+    units = [entry.target]
+    if entry.target.is_dir():
+        units, result.skipped = find_units(entry.target, split)
+    elif not entry.target.is_file():
+        reason = f"dataset {name!r}: file_name {entry.target.name!r} does not exist"
+        result.problems.append(Problem(str(folder / dataset_info.INFO_FILE), FILE, reason))
+        return set()
+    for unit in units:
+        _load_unit(unit, entry.fmt, split, result, base=folder, remap=entry.remap)
+    return {entry.fmt}
+
+
+def _refuse_mixed(result: LoadResult) -> None:
+    """SFT and preference records in one dataset: refuse it whole (one training kind)."""
+    sft = [r for r in result.records if not r.is_preference]
+    pref = [r for r in result.records if r.is_preference]
+    if not (sft and pref):
+        return
+
+    def where(records: list[Record]) -> str:
+        files = list(dict.fromkeys(r.source for r in records))
+        return ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+
+    reason = (
+        f"mixed SFT and preference data: {len(sft)} SFT record(s) in {where(sft)} and "
+        f"{len(pref)} preference record(s) in {where(pref)}; train one kind at a time: give "
+        "the file (or a folder) holding only SFT records for SFT, only preference pairs for DPO"
+    )
+    result.problems.append(Problem(str(result.path), FILE, reason))
+    result.records = []
+
+
 def load_records(
-    path: str | Path, *, fmt: str | None = None, split: str | None = None
+    path: str | Path,
+    *,
+    fmt: str | None = None,
+    split: str | None = "train",
+    dataset: str | None = None,
 ) -> LoadResult:
     """Read a dataset file or folder into canonical records (see the module docstring).
 
-    ``fmt`` forces a format (one of :data:`FORMATS`); ``split`` picks a split of a saved
-    ``DatasetDict`` or the files of a folder whose name has that token (``sft_train.json``).
-    Never raises for bad data: every problem is in ``LoadResult.problems``.
+    ``fmt`` forces a format (one of :data:`FORMATS`). ``split`` picks the split of a folder
+    or saved ``DatasetDict`` (``None``: every split; a single file is read whatever its
+    name). ``dataset`` names an entry of a LLaMA-Factory ``dataset_info.json``. Never raises
+    for bad data: every problem is in ``LoadResult.problems``.
     """
     if fmt is not None and fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; one of: {', '.join(FORMATS)}")
     path = Path(path)
     result = LoadResult(path=path, fmt=fmt or "unknown")
-    if not path.exists():
+    declared = dataset_info.find(path, dataset)
+    if declared is not None:
+        seen = _load_declared(*declared, split, result)
+    elif dataset is not None:
+        reason = f"dataset={dataset!r} needs a folder holding {dataset_info.INFO_FILE}"
+        result.problems.append(Problem(str(path), FILE, reason))
+        seen = set()
+    elif not path.exists():
         result.problems.append(Problem(str(path), FILE, "no such file or folder"))
         return result
-    if path.is_dir():
-        units = _units(path, split)
+    elif path.is_dir():
+        units, result.skipped = find_units(path, split)
         if not units:
-            result.problems.append(
-                Problem(str(path), FILE, f"no data files ({', '.join(DATA_SUFFIXES)})")
-            )
-    elif path.suffix in READERS:
-        units = [path]
+            reason = f"no data files ({', '.join(DATA_SUFFIXES)}) for split {split!r}"
+            result.problems.append(Problem(str(path), FILE, reason))
+        seen = {_load_unit(u, fmt, split, result) for u in units}
+    elif path.suffix in DATA_SUFFIXES:
+        seen = {_load_unit(path, fmt, split, result)}
     else:
         reason = f"unsupported file type {path.suffix!r} (expected {', '.join(DATA_SUFFIXES)})"
         result.problems.append(Problem(str(path), FILE, reason))
-        units = []
-    seen = {_load_unit(u, str(u), fmt, split, result) for u in units}
+        return result
     if fmt is None:
         result.fmt = seen.pop() if len(seen) == 1 else "mixed" if seen else "unknown"
+    _refuse_mixed(result)
     result.counts = dict(Counter(r.fmt for r in result.records))
-    if units and not result.records and not result.problems:
+    if seen and not result.records and not result.problems:
         result.problems.append(Problem(str(path), FILE, "no records"))
     return result
 
@@ -678,10 +864,8 @@ def load_records(
 # --------------------------------------------------------------------------- helpers
 
 
-def _type(value: Any) -> str:
-    return {dict: "an object", list: "an array", str: "a string", type(None): "null"}.get(
-        type(value), type(value).__name__
-    )
+def _is_str(value: Any) -> bool:
+    return isinstance(value, str)
 
 
 def _n(count: int, noun: str) -> str:
