@@ -220,7 +220,8 @@ def test_media_checked_once_per_unique_file(
 def test_validate_records_preference_switch() -> None:
     prompt = [{"role": "user", "content": [{"type": "text", "text": "q"}]}]
     answer = [{"role": "assistant", "content": [{"type": "text", "text": "a"}]}]
-    pref = Record(prompt, chosen=answer, rejected=answer, source="s", index=0)
+    other = [{"role": "assistant", "content": [{"type": "text", "text": "b"}]}]
+    pref = Record(prompt, chosen=answer, rejected=other, source="s", index=0)
     sft_rec = Record(prompt + answer, source="s", index=1)
     assert validate_records([pref, sft_rec], check_media=False) == []
     assert [p.reason.split(":")[0] for p in validate_records([sft_rec], preference=True)] == [
@@ -271,6 +272,12 @@ def test_cli_ok_on_demo_data(capsys: pytest.CaptureFixture[str]) -> None:
     before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in DEMO.rglob("*") if p.is_file()}
     code, out = run_cli(capsys, str(DEMO), "--model", "tiny-qwen2-vl")
     assert code == 0
+    assert out[:2] == [
+        f"skipped file {DEMO}/README.md: not a data file (.md)",
+        f"skipped file {DEMO}/mllm_demo_data/: 6 image/video file(s), read only when a record "
+        "names them",
+    ]
+    out = out[2:]
     assert out[0].endswith("9 records (llamafactory: 9); format llamafactory")
     assert out[1] == "turns: 30 (system 0, user 15, assistant 15); preference pairs: 0"
     assert out[2].startswith("images: 8, ") and out[3].startswith("videos: 3, ")
@@ -296,8 +303,11 @@ def test_cli_lists_problems_and_exits_1(tmp_path: Path, capsys: pytest.CaptureFi
 def test_cli_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = dataset(tmp_path, sft(images=["good.png"]))
     assert run_cli(capsys, str(path), "--model", "nope")[0] == 2
-    with pytest.raises(SystemExit):
-        cli.main(["check", str(path), "--format", "alpaca"])
+    try:  # argparse's usage error: exit 2, raised or returned by cli.main
+        code = cli.main(["check", str(path), "--format", "sharegpt4v"])
+    except SystemExit as e:
+        code = e.code
+    assert code == 2
     code, out = run_cli(capsys, str(path), "--format", "unsloth")
     assert code == 1 and "record does not match format 'unsloth'" in out[0]
 

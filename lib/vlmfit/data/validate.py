@@ -10,21 +10,26 @@ Usage::
 
 or from the shell (exit 0 with a summary, or 1 with one ``FILE:RECORD: reason`` per line)::
 
-    python -m vlmfit check DATA [--model smolvlm] [--format trl] [--skip-bad]
+    python -m vlmfit check DATA [--model smolvlm] [--format trl] [--split train]
+                                [--dataset NAME] [--skip-bad]
 
 Checks, besides what :mod:`vlmfit.data.formats` rejects while reading: roles in order (a
 system turn only first, then user / assistant alternating from user; SFT conversations end
 with an assistant turn, preference prompts with a user turn and ``chosen`` / ``rejected``
-each one assistant turn), no empty or missing assistant turn, as many media parts as media,
-and every image fully decoded / every video probed through :mod:`vlmfit.data.media` (once
-per unique file, in threads), with ``max_pixels`` guarding against decompression bombs.
-Token lengths need a tokenizer and are checked by preprocessing, not here.
+each one assistant turn), no empty or missing assistant turn, no media in an assistant turn,
+``chosen`` different from ``rejected``, no model's special image / video tokens and no
+grounding markup typed as text, as many media parts as media, and every image fully decoded
+/ every video probed through :mod:`vlmfit.data.media` (once per unique file, in threads),
+with ``max_pixels`` guarding against decompression bombs. With a model, every image and
+video must also be one its processor accepts (Qwen refuses aspect ratios over 200; Idefics3
+takes no video). Token lengths need a tokenizer and are checked by preprocessing, not here.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -34,10 +39,24 @@ from typing import Any, Literal
 from vlmfit.data import media
 from vlmfit.data.formats import FORMATS, load_records
 from vlmfit.records import DataError, MediaRef, Problem, Record, count_parts, message_text
+from vlmfit.registry import ModelSpec
 
 __all__ = ["Report", "check_dataset", "cli_check", "reason_kind", "validate_records"]
 
 DEFAULT_MAX_PIXELS = media.DEFAULT_MAX_PIXELS
+# What processors write around or in place of media (Qwen2-VL / Qwen2.5-VL, Idefics3 /
+# SmolVLM, and vlmfit's own placeholders): typed as text, the tokenizer turns them into
+# image tokens with no image behind them ("Image features and image tokens do not match").
+MEDIA_TOKENS = re.compile(
+    r"<\|(?:vision_start|vision_end|vision_pad|image_pad|video_pad)\|>"
+    r"|<fake_token_around_image>|<global-img>|<row_\d+_col_\d+>|<(?:image|video)(?:_no_\d+)?>"
+)
+# Grounding markup (Qwen boxes, ms-swift's <ref-object>/<bbox>, InternVL's <ref>/<box>):
+# vlmfit does not implement box coordinates, so it never trains on them as literal text.
+GROUNDING_TOKENS = re.compile(
+    r"<\|(?:box_start|box_end|object_ref_start|object_ref_end|quad_start|quad_end)\|>"
+    r"|<bbox>|<ref-object>|</?(?:ref|box|quad)>"
+)
 
 
 @dataclass
@@ -54,6 +73,7 @@ class Report:
     by_reason: dict[str, int]  # problems per kind (see reason_kind)
     fmt: str = ""  # the format load_records reported (container name for tables)
     video_sizes: list[tuple[int, int]] = field(default_factory=list)
+    skipped_files: list[str] = field(default_factory=list)  # "PATH: reason", files not read
 
 
 def reason_kind(reason: str) -> str:
@@ -99,6 +119,46 @@ def _answer_problems(record: Record) -> list[str]:
     return out
 
 
+def _media_in_answers(record: Record) -> list[str]:
+    out = []
+    for name in ("messages", "chosen", "rejected"):
+        for i, m in enumerate(getattr(record, name) or []):
+            kinds = {p.get("type") for p in m["content"]} & {"image", "video"}
+            if m.get("role") == "assistant" and kinds:
+                out.append(
+                    f"{min(kinds)} placeholder in an assistant turn: {name}[{i}] (media go in "
+                    "user turns: the model reads them, it does not write them)"
+                )
+    return out
+
+
+def _typed_tokens(record: Record) -> list[str]:
+    """Special media tokens and grounding markup typed as text, first one per turn."""
+    out = []
+    for i, m in enumerate(record.all_turns()):
+        text = message_text(m)
+        if found := MEDIA_TOKENS.search(text):
+            out.append(
+                f"special token typed as text: {found.group(0)!r} in turn {i}; the processor "
+                "writes image and video tokens itself (mark media with <image> / <video>)"
+            )
+        if found := GROUNDING_TOKENS.search(text):
+            out.append(
+                f"grounding not supported: {found.group(0)!r} in turn {i}; vlmfit does not "
+                "implement box / reference markup and will not train on it as text"
+            )
+    return out
+
+
+def _same_answers(record: Record) -> list[str]:
+    def text(turns: list[dict[str, Any]] | None) -> list[str]:
+        return [message_text(m).strip() for m in turns or []]
+
+    if record.is_preference and text(record.chosen) == text(record.rejected):
+        return ["chosen identical to rejected: the pair teaches nothing"]
+    return []
+
+
 def structure_problems(
     record: Record, *, require_assistant: bool = True, preference: bool | None = None
 ) -> list[str]:
@@ -128,6 +188,7 @@ def structure_problems(
                 "expected a final 'assistant' turn"
             )
         out += _empty_assistant(msgs, "messages")
+    out += _media_in_answers(record) + _same_answers(record) + _typed_tokens(record)
     turns = record.all_turns()
     for kind, refs in (("image", record.images), ("video", record.videos)):
         n = count_parts(turns, kind)
@@ -187,6 +248,34 @@ def _media_problems(record: Record, results: dict[tuple[str, Any], _Result]) -> 
     return list(dict.fromkeys(reasons))  # an image used twice is one problem
 
 
+def processor_problems(
+    record: Record, spec: ModelSpec, results: dict[tuple[str, Any], _Result]
+) -> list[str]:
+    """Media of ``record`` that ``spec``'s processor refuses (sizes from :func:`check_media`;
+    the arithmetic is :mod:`vlmfit.budget`'s, which raises where the processor raises)."""
+    from vlmfit import budget
+
+    if record.videos and not spec.family.supports_video:
+        return [f"video not supported: {spec.name} ({spec.family.name}) takes images only"]
+    out = []
+    for kind, refs in (("image", record.images), ("video", record.videos)):
+        for ref in refs:
+            size = results.get(_key(kind, ref), (None, None))[0]
+            if size is None:
+                continue
+            try:
+                if kind == "image":
+                    budget.image_tokens(spec, *size)
+                else:
+                    budget.video_tokens(spec, *size, 2)  # one temporal patch: the shape rule
+            except ValueError as e:
+                out.append(
+                    f"refused by the {spec.name} processor: {kind} {ref.describe()} is "
+                    f"{size[0]}x{size[1]} ({e})"
+                )
+    return list(dict.fromkeys(out))
+
+
 def _validate(
     records: list[Record],
     *,
@@ -194,12 +283,14 @@ def _validate(
     max_pixels: int | None,
     require_assistant: bool,
     preference: bool | None,
+    spec: ModelSpec | None = None,
 ) -> tuple[list[Problem], dict[tuple[str, Any], _Result]]:
     results = check_media(records, max_pixels=max_pixels) if check_media_files else {}
     problems: list[Problem] = []
     for r in records:
         reasons = structure_problems(r, require_assistant=require_assistant, preference=preference)
         reasons += _media_problems(r, results)
+        reasons += processor_problems(r, spec, results) if spec else []
         problems += [Problem(r.source, r.index, reason) for reason in reasons]
     return problems, results
 
@@ -242,23 +333,31 @@ def check_dataset(
     on_error: Literal["fail", "skip"] = "fail",
     check_media: bool = True,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
-    split: str | None = None,
+    split: str | None = "train",
+    dataset: str | None = None,
+    model: str | None = None,
 ) -> Report:
     """Load and validate a dataset.
 
     ``on_error="fail"`` raises :class:`~vlmfit.records.DataError` listing every problem if
     there is any; ``"skip"`` returns the good records, with the problems and how many
-    records (or whole files) were skipped.
+    records (or whole files) were skipped. ``split`` / ``dataset`` go to
+    :func:`~vlmfit.data.formats.load_records`; ``model`` (a registry name) also refuses,
+    per record, media that model's processor refuses.
     """
     if on_error not in ("fail", "skip"):
         raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
-    loaded = load_records(path, fmt=fmt, split=split)
+    from vlmfit import registry
+
+    spec = registry.get(model) if model else None
+    loaded = load_records(path, fmt=fmt, split=split, dataset=dataset)
     found, results = _validate(
         loaded.records,
         check_media_files=check_media,
         max_pixels=max_pixels,
         require_assistant=True,
         preference=None,
+        spec=spec,
     )
     problems = sorted(loaded.problems + found, key=_position)
     if problems and on_error == "fail":
@@ -281,6 +380,7 @@ def check_dataset(
         by_reason=dict(Counter(reason_kind(p.reason) for p in problems)),
         fmt=loaded.fmt,
         video_sizes=sizes("video"),
+        skipped_files=loaded.skipped,
     )
 
 
@@ -296,7 +396,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("data", help="a .json/.jsonl/.parquet/.arrow file or a dataset folder")
     p.add_argument("--model", help="registry model: also show visual tokens per image")
     p.add_argument("--format", choices=FORMATS, help="force a format (default: detect)")
-    p.add_argument("--split", help="split of a saved DatasetDict / files named with it")
+    p.add_argument(
+        "--split", default="train", help="dataset split to read (default train; 'all': every one)"
+    )
+    p.add_argument("--dataset", help="a dataset named in DATA/dataset_info.json (LLaMA-Factory)")
     p.add_argument("--skip-bad", action="store_true", help="skip bad records (exit 0)")
     p.add_argument("--no-media", action="store_true", help="do not open images / videos")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="largest image (w*h)")
@@ -312,13 +415,11 @@ def _range(sizes: list[tuple[int, int]]) -> str:
 
 
 def _token_line(model: str, sizes: list[tuple[int, int]]) -> str:
+    """Visual tokens of the good records' images (their processor accepted every one)."""
     from vlmfit import registry
+    from vlmfit.budget import image_tokens
 
     spec = registry.get(model)
-    try:
-        from vlmfit.budget import image_tokens
-    except ImportError:
-        return f"visual tokens ({model}): vlmfit.budget not available"
     if not sizes:
         return f"visual tokens per image ({model}): no image sizes (no images, or --no-media)"
     tokens = [image_tokens(spec, w, h) for w, h in sizes]
@@ -361,8 +462,12 @@ def cli_check(argv: list[str]) -> int:
         on_error="skip",
         check_media=not args.no_media,
         max_pixels=args.max_pixels,
-        split=args.split,
+        split=None if args.split == "all" else args.split,
+        dataset=args.dataset,
+        model=args.model,
     )
+    for line in report.skipped_files:
+        print(f"skipped file {line}")
     for problem in report.problems:
         print(problem)
     if report.problems and not args.skip_bad:
