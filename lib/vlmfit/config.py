@@ -38,7 +38,7 @@ class RunConfig:
     train_language: bool = True  # language model (LoRA or full)
     lora_r: int = 16
     lora_alpha: int = 32
-    lora_dropout: float = 0.05
+    lora_dropout: float = 0.0  # 0 skips PEFT's dropout pass on every adapted input (faster, leaner); 0.05-0.1 regularises small data
     use_dora: bool = False  # DoRA: +quality at low rank, ~1.3-2x slower steps
     use_rslora: bool = False  # rank-stabilised scaling alpha/sqrt(r)
     init_lora_weights: Literal["default", "gaussian"] = "default"
@@ -54,6 +54,22 @@ class RunConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = True  # True reduces activation memory, ~20-30% slower
+    # Fast-path levers (vlmfit.fastpath; what each buys: docs/benchmarks.md)
+    vision_no_grad: bool = True  # a frozen vision tower runs without autograd: no activations, no backward (exact; off when train_vision)
+    qlora_upcast: bool = False  # True: PEFT's prepare_model_for_kbit_training (fp32 copies of unquantized modules, more memory)
+    activation_offloading: bool = (
+        False  # True: checkpointed activations to pinned CPU memory (less GPU memory, PCIe traffic)
+    )
+    attn_implementation: str = (
+        "sdpa"  # transformers attention kernel: sdpa | eager | flex_attention | flash_attention_2
+    )
+    expandable_segments: bool = (
+        True  # CUDA allocator grows segments: less fragmentation on varying image shapes
+    )
+    train_sampling_strategy: str = (
+        "group_by_length"  # similar lengths per batch: less padding; "random" for plain shuffling
+    )
+    dataloader_prefetch_factor: int = 4  # batches each worker prepares ahead (with workers > 0)
     bf16: bool | None = None  # None: on when the GPU supports it
     seed: int = 0
     logging_steps: int = 5
@@ -71,7 +87,9 @@ class RunConfig:
     eval_max_new_tokens: int = 16
     eval_limit: int | None = None  # evaluate on the first N held-out samples
     eval_batch_size: int = 16
-    dataloader_num_workers: int = 0
+    dataloader_num_workers: int | None = (
+        None  # None: auto (CUDA: up to 8 CPU workers run the image processor; CPU: 0)
+    )
 
     @property
     def run_id(self) -> str:
@@ -102,7 +120,11 @@ def _coerce(name: str, value: Any) -> Any:
         if low in {"0", "false", "no", "off"}:
             return False
         raise ConfigError(f"{name}: expected a boolean, got {value!r}")
-    if isinstance(default, int) and not isinstance(default, bool) or name == "max_image_tokens":
+    if (
+        isinstance(default, int)
+        and not isinstance(default, bool)
+        or name in ("max_image_tokens", "dataloader_num_workers")
+    ):
         return int(value)
     if isinstance(default, float) or name == "projector_learning_rate":
         return float(value)
@@ -178,5 +200,14 @@ def validate(cfg: RunConfig, *, cuda: bool | None = None) -> None:
         )
     if cfg.max_image_tokens is not None and cfg.max_image_tokens < 1:
         raise ConfigError("max_image_tokens must be >= 1")
+    if cfg.qlora_upcast and cfg.finetune != "qlora":
+        raise ConfigError(f"qlora_upcast is a QLoRA option; finetune={cfg.finetune}")
+    if cfg.train_sampling_strategy not in ("random", "sequential", "group_by_length"):
+        raise ConfigError(
+            "train_sampling_strategy must be random, sequential or group_by_length, "
+            f"got {cfg.train_sampling_strategy!r}"
+        )
+    if cfg.dataloader_num_workers is not None and cfg.dataloader_num_workers < 0:
+        raise ConfigError("dataloader_num_workers must be >= 0 (or None for auto)")
     if cfg.overlength not in ("drop", "shrink"):
         raise ConfigError("overlength must be 'drop' or 'shrink'")

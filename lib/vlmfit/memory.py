@@ -729,36 +729,6 @@ def plan(
 # ---------------------------------------------------------------------------------------------
 
 
-def _vision_module(model, spec: ModelSpec):
-    """The vision tower module (under PEFT wrappers too) and its name."""
-    prefixes = spec.family.vision_modules
-    for name, mod in model.named_modules():
-        clean = name.replace("base_model.model.", "")
-        if clean in prefixes:
-            return name, mod
-    raise ValueError(f"{spec.name}: no vision module {prefixes} found")
-
-
-def vision_without_autograd(model, spec: ModelSpec) -> None:
-    """Run the frozen vision tower under ``torch.no_grad`` (stores nothing for backward).
-
-    Only valid when nothing inside the vision module trains (for Qwen that includes the
-    merger, i.e. the projector): raises otherwise.
-    """
-    import torch
-
-    _, vis = _vision_module(model, spec)
-    if any(p.requires_grad for p in vis.parameters()):
-        raise ValueError("vision_no_grad needs a frozen vision module (projector included)")
-    original = vis.forward
-
-    def forward(*args, **kwargs):
-        with torch.no_grad():
-            return original(*args, **kwargs)
-
-    vis.forward = forward
-
-
 def synthetic_batch(
     processor,
     spec: ModelSpec,
@@ -910,10 +880,9 @@ def profile_steps(
     free_memory()
     rss0 = _rss()
     t0 = time.perf_counter()
+    cfg = dataclasses.replace(cfg, vision_no_grad=vision_no_grad)
     model, processor = train.build_model(cfg)
     load_s = time.perf_counter() - t0
-    if vision_no_grad:
-        vision_without_autograd(model, spec)
     tensors = [*model.parameters(), *model.buffers()]
     weights_gib = (
         torch.cuda.memory_allocated()

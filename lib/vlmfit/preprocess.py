@@ -13,8 +13,9 @@ Usage::
     res.cache_hit       # a second identical call prints "cache hit: data/cache/<fp>"
     res.sample_stats    # per sample: text / visual / total tokens before and after, status
 
-or ``python -m vlmfit preprocess DATA --model M [--max-image-tokens N] [--max-length 2048]
-[--overlength drop|shrink] [--skip-bad] [--workers N]``.
+or ``python -m vlmfit preprocess DATA --model M [--split train] [--max-image-tokens N]
+[--max-length 2048] [--overlength drop|shrink] [--skip-bad] [--workers N]`` (``--split``
+is the dataset split; Idefics3's image tiling is ``--image-splitting`` / ``--no-image-splitting``).
 
 Steps: read (:func:`vlmfit.data.formats.load_records`), check structure
 (:func:`vlmfit.data.validate.validate_records`), reject video for families without video,
@@ -73,7 +74,7 @@ from vlmfit.registry import ModelSpec
 __all__ = ["PIPELINE_VERSION", "PreprocessResult", "cli_preprocess", "fingerprint", "preprocess"]
 
 #: Bump whenever the output for the same inputs changes (invalidates every cache entry).
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2  # 2: records carry their token count (``length``) for length-grouped batches
 POLICIES = ("drop", "shrink")
 SHRINK_FACTOR = 0.75  # each shrink step keeps at most 3/4 of the per-image token cap
 SMALL_EDGE = 128  # outputs no larger than this are PNG even from JPEG sources
@@ -506,6 +507,7 @@ def _trl_row(s: _Sample, with_videos: bool) -> dict[str, Any]:
     row["images"] = images
     if with_videos:
         row["videos"] = videos
+    row["length"] = s.total(s.uses)  # tokens after the budget: training groups batches by it
     return row
 
 
@@ -631,9 +633,11 @@ def preprocess(
     progress: bool = True,
     video_fps: float = 2.0,
     video_max_frames: int = 16,
+    split: str | None = "train",
 ) -> PreprocessResult:
-    """Validate ``data``, put its media on ``budget`` for ``model``, apply the over-length
-    policy and write the cache folder (or find it). See the module docstring.
+    """Validate ``data`` (its ``split``: test rows never reach training; ``None``: all), put
+    its media on ``budget`` for ``model``, apply the over-length policy and write the cache
+    folder (or find it). See the module docstring.
 
     ``weights``: ``hub`` (the hub processor), ``random`` (``tiny.ensure_random``) or a local
     model folder; only the tokenizer and chat template are read from it, token arithmetic
@@ -660,7 +664,9 @@ def preprocess(
     data = Path(data)
 
     # 1. read and check structure (no pixels yet)
-    loaded = load_records(data)
+    loaded = load_records(data, split=split)
+    for line in loaded.skipped:
+        print(f"skipped file {line}")
     problems = list(loaded.problems)
     problems += validate_records(loaded.records, check_media=False)
     if not spec.family.supports_video:
@@ -705,7 +711,13 @@ def preprocess(
     source, revision = resolve_source(spec, weights)
     media_keys = sorted(f"{m.kind}:{m.key or m.error}" for m in table.values())
     inputs: dict[str, Any] = {
-        "data": _data_hashes(data) if data.exists() else {},
+        # DATASET_DIR/NAME (a LLaMA-Factory dataset) is no path: hash its dataset_dir
+        "data": _data_hashes(data)
+        if data.exists()
+        else _data_hashes(data.parent)
+        if loaded.records
+        else {},
+        "split": split,
         "media": media_keys,
         "model": {
             "name": spec.name,
@@ -1033,6 +1045,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("data", help="a .json/.jsonl/.parquet/.arrow file or a dataset folder")
     p.add_argument("--model", required=True, help="registry name (python -m vlmfit tokens)")
+    p.add_argument(
+        "--split", default="train", help="dataset split to read (default train; 'all': every one)"
+    )
     p.add_argument("--weights", default="hub", help="hub | random | a local model folder")
     B.add_budget_arguments(p)
     p.add_argument("--max-length", type=int, default=2048, help="tokens per sample")
@@ -1064,6 +1079,7 @@ def cli_preprocess(argv: list[str]) -> int:
             progress=not args.no_progress,
             video_fps=args.video_fps,
             video_max_frames=args.video_max_frames,
+            split=None if args.split == "all" else args.split,
         )
     except DataError as e:
         print(e)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from vlmfit import runs
+from vlmfit import fastpath, runs
 from vlmfit.config import ConfigError, RunConfig, resolve, validate
 from vlmfit.records import Record
 
@@ -41,28 +41,6 @@ def load_training_records(path: str, *, preference: bool) -> list[Record]:
             f"records in {path} have no chosen/rejected pair"
         )
     return records
-
-
-def _open(ref) -> Any:
-    from vlmfit.data.media import open_image
-
-    return open_image(ref)
-
-
-def to_sft_rows(records: list[Record]) -> list[dict[str, Any]]:
-    return [{"messages": r.messages, "images": [_open(m) for m in r.images]} for r in records]
-
-
-def to_dpo_rows(records: list[Record]) -> list[dict[str, Any]]:
-    return [
-        {
-            "prompt": r.messages,
-            "chosen": r.chosen,
-            "rejected": r.rejected,
-            "images": [_open(m) for m in r.images],
-        }
-        for r in records
-    ]
 
 
 def to_dataset(rows: list[dict[str, Any]]):
@@ -91,7 +69,11 @@ def to_dataset(rows: list[dict[str, Any]]):
     features = datasets.Features(features)
     encoded = features.encode_batch(cols)
     table = pa.Table.from_pydict(encoded, schema=features.arrow_schema)
-    text = json.dumps({k: v for k, v in cols.items() if k != "images"}, sort_keys=True, default=str)
+    # Images as file paths are part of the identity; decoded PIL images are not hashed.
+    lazy = all(isinstance(i, dict) for im in cols.get("images", []) for i in im)
+    text = json.dumps(
+        {k: v for k, v in cols.items() if k != "images" or lazy}, sort_keys=True, default=str
+    )
     fp = hashlib.sha256(f"{len(rows)}:{text}".encode()).hexdigest()[:16]
     return datasets.Dataset(
         InMemoryTable(table), info=datasets.DatasetInfo(features=features), fingerprint=fp
@@ -108,6 +90,75 @@ def use_preprocessed(cfg: RunConfig, result) -> RunConfig:
     manifest = runs.read_json(Path(result.path) / "manifest.json")
     cfg.processor_kwargs = dict(manifest.get("processor_kwargs") or {})
     return cfg
+
+
+def prepared_folder(path: str | Path) -> Path | None:
+    """The preprocessing cache folder ``path`` names (folder or its records.jsonl), else None."""
+    p = Path(path)
+    folder = p.parent if p.name == "records.jsonl" else p
+    if (folder / "manifest.json").is_file() and (folder / "records.jsonl").is_file():
+        return folder
+    return None
+
+
+def prepare_data(cfg: RunConfig, data: str, *, progress: bool = True) -> Path:
+    """The cache training reads for ``data``: itself when preprocessed, else ``preprocess``'s.
+
+    Preprocessing validated every record and stored each image at its budgeted size, so
+    training neither re-validates nor re-decodes the source (a rerun is a cache hit). The
+    processor settings of the budget go to ``cfg.processor_kwargs`` when not set yet.
+    """
+    folder = prepared_folder(data)
+    if folder is None:
+        from vlmfit import preprocess
+        from vlmfit.budget import Budget
+
+        folder = preprocess.preprocess(
+            data,
+            cfg.model,
+            weights=cfg.weights,
+            budget=Budget(max_image_tokens=cfg.max_image_tokens),
+            max_length=cfg.max_length,
+            overlength=cfg.overlength,
+            progress=progress,
+        ).path
+    if not cfg.processor_kwargs:
+        manifest = runs.read_json(Path(folder) / "manifest.json")
+        cfg.processor_kwargs = dict(manifest.get("processor_kwargs") or {})
+    return Path(folder)
+
+
+def load_prepared(folder: Path, *, preference: bool):
+    """The cache's records as a ``datasets.Dataset`` in TRL's VLM layout.
+
+    Images stay file paths (``datasets.Image`` decodes them lazily, in the DataLoader's
+    workers); ``length`` (tokens after the budget) feeds length-grouped batches.
+    """
+    import json
+
+    rows = [
+        json.loads(line)
+        for line in (folder / "records.jsonl").read_text(encoding="utf-8").splitlines()
+        if line.strip()
+    ]
+    kinds = {"preference" if "chosen" in r else "sft" for r in rows}
+    want = "preference" if preference else "sft"
+    if kinds - {want}:
+        n = sum(("chosen" in r) != preference for r in rows)
+        raise ConfigError(
+            f"method={'dpo' if preference else 'sft'} needs {want} data: {n} of {len(rows)} "
+            f"records in {folder} are not (DPO needs prompt/chosen/rejected pairs)"
+        )
+    if any(r.get("videos") for r in rows):
+        raise ConfigError(
+            f"{folder}: video records are not trained yet (images only); drop the videos or "
+            "use images (frames) for now"
+        )
+    for r in rows:
+        r.pop("videos", None)
+        r["images"] = [{"path": str(folder / p), "bytes": None} for p in r["images"]]
+        r.setdefault("length", 0)
+    return to_dataset(rows)
 
 
 # ---------------------------------------------------------------------------- model
@@ -166,9 +217,14 @@ def _init_source(cfg: RunConfig) -> tuple[Path | None, Path | None]:
 
 
 def build_model(cfg: RunConfig):
-    """Load the model, apply freezing / PEFT; returns (model, processor, peft_config)."""
+    """Load the model, apply freezing / PEFT and the fast-path levers.
+
+    Returns (model, processor); ``model.vlmfit_vision_no_grad`` lists the vision modules
+    that run without autograd (``vlmfit.fastpath``).
+    """
     from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
+    from vlmfit import fastpath
     from vlmfit.models import load_model, set_trainable
 
     spec = cfg.spec
@@ -180,6 +236,7 @@ def build_model(cfg: RunConfig):
         weights=cfg.weights,
         dtype=dtype,
         quantization=quant,
+        attn_implementation=cfg.attn_implementation,
         device=_device(),
         path=full_init,
         processor_kwargs=cfg.processor_kwargs,
@@ -202,22 +259,25 @@ def build_model(cfg: RunConfig):
             model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
-        return model, processor
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if quant != "none":
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=cfg.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
-    elif cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    if adapter_init is not None and quant != "none":
-        model = PeftModel.from_pretrained(model, adapter_init, is_trainable=True)
     else:
-        model = get_peft_model(model, lora_config(cfg, model, spec))
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if quant != "none" and cfg.qlora_upcast:
+            model = prepare_model_for_kbit_training(
+                model,
+                use_gradient_checkpointing=cfg.gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False},
+            )
+        elif cfg.gradient_checkpointing:
+            fastpath.prepare_kbit_lean(model, gradient_checkpointing=True)
+        if adapter_init is not None and quant != "none":
+            model = PeftModel.from_pretrained(model, adapter_init, is_trainable=True)
+        else:
+            model = get_peft_model(model, lora_config(cfg, model, spec))
+    vision_parts: list[str] = []
+    if cfg.vision_no_grad and not (cfg.train_vision and cfg.finetune != "projector"):
+        vision_parts = fastpath.vision_without_autograd(model, spec)
+    model.vlmfit_vision_no_grad = vision_parts
     return model, processor
 
 
@@ -278,6 +338,9 @@ def training_args(cfg: RunConfig, out: Path, n_train: int, progress: bool = True
     """TRL config (SFTConfig / DPOConfig) from the run configuration."""
     from trl import DPOConfig, SFTConfig
 
+    from vlmfit.fastpath import dataloader_workers
+
+    workers = dataloader_workers(cfg.dataloader_num_workers)
     common: dict[str, Any] = dict(
         output_dir=str(out / "checkpoints"),
         learning_rate=cfg.learning_rate,
@@ -299,7 +362,14 @@ def training_args(cfg: RunConfig, out: Path, n_train: int, progress: bool = True
         data_seed=cfg.seed,
         report_to="none",
         remove_unused_columns=False,
-        dataloader_num_workers=cfg.dataloader_num_workers,
+        # The image processor runs in DataLoader workers, ahead of the GPU (vlmfit.fastpath)
+        dataloader_num_workers=workers,
+        dataloader_prefetch_factor=cfg.dataloader_prefetch_factor if workers else None,
+        dataloader_persistent_workers=workers > 0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        train_sampling_strategy=cfg.train_sampling_strategy,
+        length_column_name="length",
+        activation_offloading=cfg.activation_offloading,
         use_cpu=not torch.cuda.is_available(),
         # Off in reports: in a notebook the Trainer prints a table row per log step (the
         # curves in the report show the same numbers as plots).
@@ -365,24 +435,25 @@ def run(cfg: RunConfig, origin: dict[str, str] | None = None, *, progress: bool 
     if out.exists() and not cfg.resume:
         shutil.rmtree(out)  # a fresh run of the same id replaces the old one
     out.mkdir(parents=True, exist_ok=True)
+    allocator = fastpath.set_allocator(cfg.expandable_segments)  # before the first allocation
+    # Data first: bad data or DPO on non-preference data fails before the model loads.
+    preference = cfg.method == "dpo"
+    train_folder = prepare_data(cfg, cfg.data, progress=progress)
+    cfg.data = str(train_folder / "records.jsonl")
+    train_ds = load_prepared(train_folder, preference=preference)
     runs.write_json(out / "config.json", {"config": cfg.to_dict(), "origin": origin or {}})
     env = runs.environment()
     runs.write_json(out / "environment.json", env)
     log = runs.MetricsLog(out / "metrics.jsonl")
-
-    # Data first: bad data or DPO on non-preference data fails before the model loads.
-    train_records = load_training_records(cfg.data, preference=cfg.method == "dpo")
     eval_records = load_training_records(cfg.eval_data, preference=False) if cfg.eval_data else []
     if cfg.eval_limit:
         eval_records = eval_records[: cfg.eval_limit]
-    rows = to_dpo_rows(train_records) if cfg.method == "dpo" else to_sft_rows(train_records)
-    train_ds = to_dataset(rows)
     eval_ds = None
-    if cfg.method == "dpo" and cfg.preference_eval_data:
-        pref_eval = load_training_records(cfg.preference_eval_data, preference=True)
-        eval_ds = to_dataset(
-            to_dpo_rows(pref_eval[: cfg.eval_limit] if cfg.eval_limit else pref_eval)
-        )
+    if preference and cfg.preference_eval_data:
+        pref = prepare_data(cfg, cfg.preference_eval_data, progress=progress)
+        eval_ds = load_prepared(pref, preference=True)
+        if cfg.eval_limit:
+            eval_ds = eval_ds.select(range(min(cfg.eval_limit, len(eval_ds))))
 
     torch.manual_seed(cfg.seed)
     if torch.cuda.is_available():
@@ -398,9 +469,14 @@ def run(cfg: RunConfig, origin: dict[str, str] | None = None, *, progress: bool 
     if cfg.resume:
         ck = runs.last_checkpoint(out)
         resume_from = str(ck) if ck else None
+    if torch.cuda.is_available():  # the training peak, without loading and evaluation
+        torch.cuda.reset_peak_memory_stats()
     t1 = time.time()
     result = trainer.train(resume_from_checkpoint=resume_from)
     train_s = time.time() - t1
+    train_peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    tokens_per_s = _tokens_per_s(log, train_s)
+    n_language = fastpath.language_params(model, cfg.spec)
     save_model(trainer.model, processor, out)
     after = ev.evaluate_generation(trainer.model, processor, eval_records, cfg, progress=progress)
     dpo_eval = trainer.evaluate() if eval_ds is not None else {}
@@ -420,6 +496,15 @@ def run(cfg: RunConfig, origin: dict[str, str] | None = None, *, progress: bool 
         "train_samples": len(train_ds),
         "trainable_params": trainable,
         "peak_memory_gib": _peak_memory(log),
+        "train_peak_memory_gib": train_peak,
+        "tokens_per_s": tokens_per_s,
+        "mfu": fastpath.mfu(tokens_per_s, n_language, env["gpu"]) if tokens_per_s else None,
+        "levers": fastpath.applied_levers(
+            cfg,
+            vision_parts=getattr(model, "vlmfit_vision_no_grad", []),
+            workers=trainer.args.dataloader_num_workers,
+            allocator=allocator,
+        ),
         "device": env["gpu"] or "cpu",
         "eval_before": before["metrics"],
         "eval_after": after["metrics"],
@@ -428,6 +513,16 @@ def run(cfg: RunConfig, origin: dict[str, str] | None = None, *, progress: bool 
     runs.write_json(out / "eval.json", {"before": before, "after": after})
     runs.write_json(out / "summary.json", summary)
     return summary
+
+
+def _tokens_per_s(log: runs.MetricsLog, train_s: float) -> float | None:
+    """Steady-state tokens/s from TRL's ``num_tokens`` log (first interval dropped: warm-up)."""
+    pts = [(r["time"], r["num_tokens"]) for r in log.read() if "num_tokens" in r]
+    if len(pts) >= 3 and pts[-1][0] > pts[1][0]:
+        return (pts[-1][1] - pts[1][1]) / (pts[-1][0] - pts[1][0])
+    if pts and train_s > 0:
+        return pts[-1][1] / train_s
+    return None
 
 
 def _trainable(model) -> dict[str, int]:

@@ -1,0 +1,182 @@
+"""The fast path: what vlmfit changes on top of the plain TRL + PEFT recipe, lever by lever.
+
+Each lever is a named ``RunConfig`` field (see its one-line trade-off in ``config.py``);
+``train.build_model`` and ``train.training_args`` apply them, and ``applied_levers``
+records which ran in the run's ``summary.json``. What each buys is measured by
+``benchmarks/fastpath.py`` (``make bench``) and committed in ``docs/benchmarks.md``.
+
+- ``vision_no_grad``: a frozen vision tower runs under ``torch.no_grad``. transformers'
+  ``enable_input_require_grads`` (called for LoRA with gradient checkpointing) hooks the
+  vision tower's patch embedding too, so the plain recipe stores and back-propagates
+  through every vision block (and recomputes them under checkpointing) although no
+  vision weight trains.
+- ``qlora_upcast=False``: 4-bit without PEFT's ``prepare_model_for_kbit_training``,
+  which copies every unquantized module (vision tower, projector, embeddings, lm_head,
+  norms) to fp32.
+- ``lora_dropout=0``: PEFT then skips the dropout pass on every adapted layer's input.
+- DataLoader workers with prefetch and pinned memory, images read lazily at their
+  budgeted size, batches grouped by length: the CPU image processor runs beside the GPU.
+- ``expandable_segments``: the CUDA caching allocator grows segments instead of
+  fragmenting on the variable shapes of image batches.
+- The logits are never materialized: TRL's SFT and DPO trainers compute the loss through
+  their chunked ``fused_lm_head`` (``trl.trainer.utils.add_fused_lm_head``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from vlmfit.registry import ModelSpec
+
+#: Dense bf16 peak of the GPUs we report MFU for (FLOP/s, vendor datasheets, no sparsity).
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
+
+
+def _no_grad_forward(module: torch.nn.Module) -> None:
+    original = module.forward
+
+    def forward(*args, **kwargs):
+        with torch.no_grad():
+            return original(*args, **kwargs)
+
+    module.forward = forward
+    for sub in module.modules():  # recomputing what stores nothing would only cost time
+        if getattr(sub, "gradient_checkpointing", False):
+            sub.gradient_checkpointing = False
+
+
+def frozen_vision_parts(model, spec: ModelSpec) -> list[tuple[str, torch.nn.Module]]:
+    """The vision modules that run before the projector, by name (PEFT wrappers too).
+
+    Idefics3's projector (``connector``) sits outside the vision tower: the whole tower.
+    Qwen's projector (``merger``) is the tower's last child: the tower when the merger is
+    frozen too, else every child but the merger (``blocks`` expanded into its layers).
+    """
+    fam = spec.family
+    named = {n.replace("base_model.model.", ""): (n, m) for n, m in model.named_modules()}
+    parts: list[tuple[str, torch.nn.Module]] = []
+    for prefix in fam.vision_modules:
+        if prefix not in named:
+            raise ValueError(f"{spec.name}: vision module {prefix!r} not found")
+        name, tower = named[prefix]
+        inner = [p for p in fam.projector_modules if p.startswith(prefix + ".")]
+        if not inner or not any(p.requires_grad for p in tower.parameters()):
+            parts.append((name, tower))
+            continue
+        projector = {named[p][1] for p in inner if p in named}
+        for child_name, child in tower.named_children():
+            if child in projector:
+                continue
+            if isinstance(child, torch.nn.ModuleList | torch.nn.ModuleDict):
+                parts += [(f"{name}.{child_name}.{k}", m) for k, m in child.named_children()]
+            else:
+                parts.append((f"{name}.{child_name}", child))
+    return parts
+
+
+def vision_without_autograd(model, spec: ModelSpec) -> list[str]:
+    """Run the frozen vision tower (up to the projector) under ``torch.no_grad``.
+
+    Exact: these modules take only pixels, so nothing upstream needs their gradient.
+    Raises when a vision weight trains (``train_vision``). Returns the wrapped names.
+    """
+    parts = frozen_vision_parts(model, spec)
+    trainable = [n for n, m in parts for p in m.parameters() if p.requires_grad]
+    if trainable:
+        raise ValueError("vision_no_grad needs a frozen vision tower (train_vision=False)")
+    for _, module in parts:
+        _no_grad_forward(module)
+    return [n.replace("base_model.model.", "") for n, _ in parts]
+
+
+def prepare_kbit_lean(model, *, gradient_checkpointing: bool) -> None:
+    """4-bit training set-up without fp32 upcasts: freeze, checkpoint, inputs need grad.
+
+    ``peft.prepare_model_for_kbit_training`` also casts every non-quantized parameter to
+    fp32: on Qwen2.5-VL-7B that is the vision tower, embeddings and lm_head (~3.5 GB more).
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+
+
+def set_allocator(expandable_segments: bool) -> bool:
+    """Turn on the CUDA allocator's expandable segments (before or after CUDA starts)."""
+    if not expandable_segments or not torch.cuda.is_available():
+        return False
+    conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+    if "expandable_segments" in conf:  # the user's own setting wins
+        return "expandable_segments:True" in conf
+    torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+    return True
+
+
+def dataloader_workers(requested: int | None) -> int:
+    """``None`` (auto): on CUDA up to 8 workers, leaving cores for the main process; CPU 0.
+
+    On CPU the training step itself uses every core, so workers only compete with it.
+    """
+    if requested is not None:
+        return requested
+    if not torch.cuda.is_available():
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(0, min(8, (cores or 1) - 2))
+
+
+def language_params(model, spec: ModelSpec) -> int:
+    """Parameters of the language model (lm_head included), the N of MFU's 6N."""
+    from vlmfit.models import module_groups
+
+    params = dict(model.named_parameters())
+    names = module_groups(model, spec)["language"]
+    total = 0
+    for n in names:
+        if "lora_" in n:
+            continue
+        state = getattr(params[n], "quant_state", None)  # 4-bit: two weights per byte
+        total += state.shape.numel() if state is not None else params[n].numel()
+    return total
+
+
+def peak_flops(device_name: str | None) -> float | None:
+    """Dense bf16 peak FLOP/s of a known GPU, else None (MFU then not reported)."""
+    for key, flops in PEAK_BF16_FLOPS.items():
+        if device_name and key in device_name:
+            return flops
+    return None
+
+
+def mfu(tokens_per_s: float, n_language: int, device_name: str | None) -> float | None:
+    """Model-FLOPs utilization by the usual 6N convention (forward 2N + backward 4N per
+    token, language model only; checkpoint recompute and the vision tower not counted)."""
+    peak = peak_flops(device_name)
+    return 6 * n_language * tokens_per_s / peak if peak else None
+
+
+def applied_levers(
+    cfg, *, vision_parts: list[str], workers: int, allocator: bool
+) -> dict[str, Any]:
+    """What ran, for summary.json and the report."""
+    return {
+        "vision_no_grad": bool(vision_parts),
+        "vision_no_grad_modules": vision_parts,
+        "qlora_upcast": cfg.qlora_upcast if cfg.finetune == "qlora" else None,
+        "lora_dropout": cfg.lora_dropout if cfg.finetune in ("lora", "qlora") else None,
+        "gradient_checkpointing": cfg.gradient_checkpointing,
+        "activation_offloading": cfg.activation_offloading,
+        "fused_lm_head": True,  # TRL's trainers always score through it
+        "dataloader_num_workers": workers,
+        "dataloader_prefetch_factor": cfg.dataloader_prefetch_factor if workers else None,
+        "pin_memory": torch.cuda.is_available(),
+        "train_sampling_strategy": cfg.train_sampling_strategy,
+        "expandable_segments": allocator,
+        "attn_implementation": cfg.attn_implementation,
+        "per_device_train_batch_size": cfg.per_device_train_batch_size,
+        "max_image_tokens": cfg.max_image_tokens,
+    }

@@ -1,0 +1,228 @@
+"""The fast path computes what the plain recipe computes, with less work.
+
+pytest -q tests/test_fastpath.py
+
+Tiny models on CPU in fp32: the fast path's loss on a fixed batch equals the plain
+recipe's (model(**batch).loss, vision tower under autograd), the LoRA weights after a few
+AdamW steps match, the frozen vision tower records no autograd graph, training reads the
+preprocessing cache lazily, and the DataLoader workers run the image processor.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlmfit import fastpath, train
+from vlmfit.config import resolve
+from vlmfit.data import synth
+
+TINY = ["tiny-smolvlm", "tiny-qwen2-vl", "tiny-qwen2.5-vl"]
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapes") / "shapes"
+    synth.generate(out, seed=0, n_train=16, n_test=12, n_dpo_train=8, n_dpo_test=12)
+    return out
+
+
+def _cfg(shapes, tmp_path, **kw):
+    base = dict(
+        model="tiny-qwen2-vl",
+        data=str(shapes / "sft_train.json"),
+        eval_data=None,
+        runs_dir=str(tmp_path / "runs"),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        gradient_checkpointing=False,
+        learning_rate=1e-2,
+        lora_r=4,
+        lora_alpha=8,
+    )
+    base.update(kw)
+    cfg, _ = resolve(base)
+    return cfg
+
+
+def _batch(cfg, model, processor, shapes):
+    """A real training batch: the prepared cache through TRL's VLM collator."""
+    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+    folder = train.prepare_data(cfg, cfg.data, progress=False)
+    ds = train.load_prepared(folder, preference=False)
+    collator = DataCollatorForVisionLanguageModeling(processor)
+    return collator([ds[i] for i in range(4)])
+
+
+def _build(cfg):
+    """Build with seeded weights, LoRA B non-zero so the adapter shapes the loss from step 0."""
+    from vlmfit.models import resolve_source
+
+    resolve_source(cfg.spec, cfg.weights)  # build a missing tiny model first (it draws seeds)
+    torch.manual_seed(0)
+    model, processor = train.build_model(cfg)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in sorted(model.named_parameters()):
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return model, processor
+
+
+def _fused_loss(model, batch):
+    """The loss as TRL's SFTTrainer computes it: chunked LM head, no full logits."""
+    return model(**batch, fused_lm_head=True).loss
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_fast_path_matches_the_plain_recipe_loss_and_lora_weights(
+    name, shapes, tiny_cache, tmp_path
+):
+    from trl.trainer.utils import add_fused_lm_head
+
+    kw = dict(model=name, train_projector=True, gradient_checkpointing=True)
+    plain_cfg = _cfg(shapes, tmp_path, vision_no_grad=False, **kw)
+    fast_cfg = _cfg(shapes, tmp_path, vision_no_grad=True, **kw)
+    plain, processor = _build(plain_cfg)
+    fast, _ = _build(fast_cfg)
+    assert fast.vlmfit_vision_no_grad and not plain.vlmfit_vision_no_grad
+    add_fused_lm_head(fast.get_base_model())
+    batch = _batch(fast_cfg, fast, processor, shapes)
+    plain.train()
+    fast.train()
+
+    # SGD: the update is the gradient itself (Adam's normalisation would blow rounding-level
+    # differences of near-zero gradients up to a full learning-rate step)
+    opts = [
+        torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5)
+        for m in (plain, fast)
+    ]
+    for step in range(3):
+        lp = plain(**copy.copy(batch)).loss
+        lf = _fused_loss(fast, copy.copy(batch))
+        assert torch.isfinite(lp)
+        torch.testing.assert_close(
+            lf, lp, rtol=1e-5, atol=1e-5, msg=lambda m, step=step: f"step {step}: {m}"
+        )
+        for loss, opt in zip((lp, lf), opts, strict=True):
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    plain_w = {n: p for n, p in plain.named_parameters() if p.requires_grad}
+    fast_w = {n: p for n, p in fast.named_parameters() if p.requires_grad}
+    assert plain_w.keys() == fast_w.keys() and any(
+        "merger" in n or "connector" in n for n in fast_w
+    )
+    for n in plain_w:
+        torch.testing.assert_close(fast_w[n], plain_w[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize(
+    ("name", "train_projector"), [(n, tp) for n in TINY for tp in (False, True)]
+)
+def test_frozen_vision_tower_records_no_autograd_graph(
+    name, train_projector, shapes, tiny_cache, tmp_path
+):
+    """Every vision module before the projector runs with grad off, outputs nothing to
+    back-propagate, and no vision weight gets a gradient; the plain recipe does record."""
+    seen: dict[str, list[bool]] = {}
+
+    def watch(model, cfg):
+        from vlmfit.models import module_groups
+
+        groups = module_groups(model, cfg.spec)
+        leaves = {n.rsplit(".", 1)[0] for n in groups["vision"]}
+        mods = dict(model.named_modules())
+        key = "fast" if cfg.vision_no_grad else "plain"
+        seen[key] = []
+        for n in leaves:
+            mods[n].register_forward_hook(
+                lambda m, i, o: seen[key].append(
+                    torch.is_grad_enabled() and isinstance(o, torch.Tensor) and o.requires_grad
+                )
+            )
+
+    for flag in (False, True):
+        cfg = _cfg(
+            shapes,
+            tmp_path,
+            model=name,
+            vision_no_grad=flag,
+            train_projector=train_projector,
+            gradient_checkpointing=True,
+        )
+        model, processor = _build(cfg)
+        watch(model, cfg)
+        model.train()
+        batch = _batch(cfg, model, processor, shapes)
+        model(**batch).loss.backward()
+        from vlmfit.models import module_groups
+
+        params = dict(model.named_parameters())
+        vision = module_groups(model, cfg.spec)["vision"]
+        assert all(params[n].grad is None for n in vision)
+        if flag:
+            assert seen["fast"] and not any(seen["fast"]), "a vision module recorded autograd"
+        else:
+            assert any(seen["plain"]), "the plain recipe tracks the frozen tower"
+
+
+def test_vision_no_grad_is_off_when_the_vision_tower_trains(shapes, tiny_cache, tmp_path):
+    cfg = _cfg(shapes, tmp_path, model="tiny-smolvlm", train_vision=True)
+    model, _ = _build(cfg)
+    assert model.vlmfit_vision_no_grad == []
+    assert any(p.requires_grad for n, p in model.named_parameters() if "vision_model" in n)
+
+
+def test_training_reads_the_prepared_cache_lazily_without_the_source(shapes, tiny_cache, tmp_path):
+    """Preprocessing's budgeted images are what training reads, as paths decoded on access;
+    the source images are not needed any more."""
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(shapes, src)
+    cfg = _cfg(src, tmp_path, model="tiny-smolvlm")
+    folder = train.prepare_data(cfg, cfg.data, progress=False)
+    assert folder == train.prepared_folder(folder / "records.jsonl")
+    shutil.rmtree(src / "images")  # the source is gone: training must not touch it
+    ds = train.load_prepared(folder, preference=False)
+    stored = ds.data.column("images").to_pylist()[0][0]
+    assert stored["bytes"] is None and stored["path"].startswith(str(folder))
+    rows = [json.loads(x) for x in (folder / "records.jsonl").read_text().splitlines()]
+    assert ds["length"] == [r["length"] for r in rows] and min(ds["length"]) > 0
+    cfg.data = str(folder / "records.jsonl")
+    summary = train.run(cfg, progress=False)
+    assert summary["global_step"] == 2
+    with pytest.raises(Exception, match="preference|prompt/chosen/rejected"):
+        train.load_prepared(folder, preference=True)
+
+
+def test_dataloader_workers_run_the_image_processor_and_levers_are_recorded(
+    shapes, tiny_cache, tmp_path
+):
+    cfg = _cfg(shapes, tmp_path, model="tiny-qwen2.5-vl", dataloader_num_workers=2)
+    summary = train.run(cfg, progress=False)
+    assert summary["global_step"] == 2 and summary["train_loss"] > 0
+    levers = summary["levers"]
+    assert levers["dataloader_num_workers"] == 2 and levers["dataloader_prefetch_factor"] == 4
+    assert levers["vision_no_grad"] and levers["vision_no_grad_modules"] == ["model.visual"]
+    assert levers["train_sampling_strategy"] == "group_by_length"
+    assert summary["tokens_per_s"] > 0
+    saved = json.loads((Path(cfg.runs_dir) / cfg.run_id / "summary.json").read_text())
+    assert saved["levers"] == levers
+
+
+def test_auto_workers_and_mfu():
+    assert fastpath.dataloader_workers(3) == 3
+    if not torch.cuda.is_available():
+        assert fastpath.dataloader_workers(None) == 0  # the step already uses every core
+    assert fastpath.mfu(1000.0, 7_000_000_000, "NVIDIA H200") == pytest.approx(
+        6 * 7e9 * 1000 / 989e12
+    )
+    assert fastpath.mfu(1000.0, 7_000_000_000, "cpu") is None
