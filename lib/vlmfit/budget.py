@@ -133,7 +133,7 @@ class Budget:
                 continue
             flag = "--" + key.replace("_", "-")
             if key == "do_image_splitting":
-                parts.append("--split" if value else "--no-split")
+                parts.append("--image-splitting" if value else "--no-image-splitting")
             else:
                 parts.append(f"{flag} {value}")
         return " ".join(parts) or "no budget"
@@ -666,9 +666,12 @@ def add_budget_arguments(parser) -> None:
     parser.add_argument("--max-pixels", type=int, help="pixels per image after resizing")
     parser.add_argument("--max-longest-edge", type=int, help="px")
     parser.add_argument("--min-image-tokens", type=int, help="Qwen only (min_pixels)")
-    split = parser.add_mutually_exclusive_group()
-    split.add_argument("--split", dest="do_image_splitting", action="store_true", default=None)
-    split.add_argument("--no-split", dest="do_image_splitting", action="store_false")
+    # Idefics3's image splitting into tiles (``--split`` in preprocess names the dataset split)
+    tiles = parser.add_mutually_exclusive_group()
+    tiles.add_argument(
+        "--image-splitting", dest="do_image_splitting", action="store_true", default=None
+    )
+    tiles.add_argument("--no-image-splitting", dest="do_image_splitting", action="store_false")
 
 
 def budget_from_args(args) -> Budget:
