@@ -11,29 +11,36 @@ SHELL := bash
 .DEFAULT_GOAL := help
 MAKEFLAGS += --no-print-directory
 
-# ---- the dials -----------------------------------------------------------------
+# ---- the dials (`make help` prints them with their values) ----------------------
+# A dial is `NAME ?= default#  meaning` (no space before `#`: make keeps it in the value).
 MODEL ?= smolvlm#               registry name (python -m vlmfit tokens --help lists them)
-WEIGHTS ?= hub#                 hub | random (published architecture, random weights) | folder
-DATA ?= data/shapes/sft_train.json#  any supported format; default: the bundled dataset
-EVAL_DATA ?= data/shapes/sft_test.json
-DPO_DATA ?= data/shapes/dpo_train.json
-PREF_EVAL_DATA ?= data/shapes/dpo_test.json
-RUN ?=#                         SFT run id (default: sft-<model>; DPO's: <RUN>-dpo or dpo-<model>)
-FINETUNE ?= lora#               lora | qlora | full | projector
-MAX_IMAGE_TOKENS ?= 0#       visual-token budget per image (none: processor default)
-MAX_STEPS ?= -1
-EPOCHS ?= 1
+WEIGHTS ?= hub#                 hub | random (published architecture, random weights) | a model folder
+REVISION ?=#                    hub revision (branch, tag or commit) for sft/dpo; empty: the registry's (main)
+DATA ?= data/shapes/sft_train.json#  training data, any supported format (file or folder)
+FINETUNE ?= lora#               lora | qlora (4-bit NF4, CUDA) | full | projector
+MAX_IMAGE_TOKENS ?= 0#          visual-token budget per image (0: the processor default)
+MAX_STEPS ?= -1#                optimizer steps (-1: EPOCHS passes over DATA)
+EPOCHS ?= 1#                    passes over DATA when MAX_STEPS is -1
+RUN ?=#                         SFT run id, runs/RUN/ (empty: sft-MODEL; DPO's: RUN-dpo or dpo-MODEL)
 RESUME ?= 0#                    1: continue RUN from its last checkpoint
-DPO ?= 0#                       1: `make train` also runs DPO after SFT
-PARAMS ?=#                      extra sft/dpo notebook parameters: "name=value name=value"
-REPORTS ?= reports
+OVERWRITE ?= 0#                 1: replace RUN when it already holds a run (else training refuses)
+DPO ?= 0#                       1: `make train` also runs DPO from the SFT adapter
+PARAMS ?=#                      other sft/dpo parameters or RunConfig fields: "lora_r=8 learning_rate=1e-4"
+EVAL_DATA ?= data/shapes/sft_test.json#  held-out split for exact match
+DPO_DATA ?= data/shapes/dpo_train.json#  preference data for `make dpo`
+PREF_EVAL_DATA ?= data/shapes/dpo_test.json#  held-out preference pairs (reward accuracy)
+REPORTS ?= reports#             where HTML reports go
+GPU_GIB ?=#                     GPU memory for `make plan` (empty: this machine's CUDA device)
+LAB_IP ?= $(if $(filter 1,$(VLMFIT_IN_CONTAINER)),0.0.0.0,127.0.0.1)#  JupyterLab interface (container: 0.0.0.0, published on the host's loopback)
+LAB_PORT ?= 8888#               JupyterLab port
 PYTHON ?= python3#              base interpreter for .venv
 PYTHON_VERSION ?= 3.12#         for `make wheelhouse`
 WHEELS ?=#                      local wheel folder (offline installs)
 SYSTEM_SITE ?= 0#               1: .venv sees the system's packages (GPU host torch)
-GPU_GIB ?=#                     GPU memory for `make plan` (default: this machine's CUDA device)
-LAB_IP ?= 127.0.0.1
-LAB_PORT ?= 8888
+DIALS := MODEL WEIGHTS REVISION DATA FINETUNE MAX_IMAGE_TOKENS MAX_STEPS EPOCHS RUN RESUME \
+         OVERWRITE DPO PARAMS
+MORE_DIALS := EVAL_DATA DPO_DATA PREF_EVAL_DATA REPORTS GPU_GIB LAB_IP LAB_PORT PYTHON \
+         PYTHON_VERSION WHEELS SYSTEM_SITE
 
 # ---- environment -----------------------------------------------------------------
 LOCK := requirements.lock
@@ -56,14 +63,35 @@ DPO_FINETUNE = $(if $(filter qlora,$(FINETUNE)),qlora,lora)
 SFT_RUN = $(if $(RUN),$(RUN),sft-$(MODEL))
 DPO_RUN = $(if $(RUN),$(RUN)-dpo,dpo-$(MODEL))
 param_args = $(foreach p,$(PARAMS),-p $(firstword $(subst =, ,$(p))) $(patsubst $(firstword $(subst =, ,$(p)))=%,%,$(p)))
+# Single-quoted for the shell.
+shq = '$(subst ','\'',$(1))'
+NB_FLAGS = --reports $(REPORTS) $(if $(filter 1,$(OVERWRITE)),--overwrite,)
+PRE_ARGS = -p data $(DATA) -p model $(MODEL) -p weights $(WEIGHTS) -p max_image_tokens $(MAX_IMAGE_TOKENS)
+SFT_ARGS = -p model $(MODEL) -p weights $(WEIGHTS) -p data $(DATA) -p eval_data $(EVAL_DATA) \
+  -p run $(SFT_RUN) -p finetune $(FINETUNE) -p max_steps $(MAX_STEPS) \
+  -p num_train_epochs $(EPOCHS) -p resume $(RESUME) -p max_image_tokens $(MAX_IMAGE_TOKENS) \
+  $(if $(REVISION),-p revision $(REVISION),) $(param_args)
+DPO_ARGS = -p model $(MODEL) -p weights $(WEIGHTS) -p data $(DPO_DATA) -p eval_data $(EVAL_DATA) \
+  -p preference_eval_data $(PREF_EVAL_DATA) -p run $(DPO_RUN) \
+  -p init_adapter $(if $(INIT),$(INIT),$(SFT_RUN)) -p finetune $(DPO_FINETUNE) \
+  -p max_steps $(MAX_STEPS) -p resume $(RESUME) $(if $(REVISION),-p revision $(REVISION),) $(param_args)
 
-.PHONY: help setup env lock wheelhouse data demo preprocess profile plan sft dpo train \
+.PHONY: help setup env lock wheelhouse data demo preprocess profile plan sft dpo train train-check \
         bench lab test test-fast test-slow test-gpu test-browser lint format image \
         container-test clean distclean index merge check-reports
 
-help: ## List every target (this page)
-	@echo "vlmfit: fine-tune small VLMs within memory. Variables: MODEL=$(MODEL) WEIGHTS=$(WEIGHTS) DATA=$(DATA) RUN=$(RUN)"
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-15s\033[0m %s\n", $$1, $$2}'
+help: ## List every target and dial, with the values this call would use (this page)
+	@echo "vlmfit: fine-tune small VLMs within memory.  make TARGET [DIAL=value ...]"
+	@echo
+	@echo "Dials (current value, meaning):"
+	@$(foreach v,$(DIALS),printf '  \033[33m%-17s\033[0m %-28s %s\n' $(v) $(call shq,$(if $($(v)),$($(v)),-)) "$$(sed -n 's/^$(v) ?=[^#]*#[[:space:]]*//p' $(firstword $(MAKEFILE_LIST)))";)
+	@echo "  more: $(foreach v,$(MORE_DIALS),$(v)=$(if $($(v)),$($(v)),-))" | fold -s -w 100 | sed '2,$$s/^/        /'
+	@echo
+	@echo "Targets:"
+	@$(foreach v,$(DIALS) $(MORE_DIALS),$(v)=$(call shq,$($(v)))) awk 'BEGIN {FS = ":.*## "} \
+	  /^[a-zA-Z_-]+:.*## / { d = $$2; while (match(d, /\$$\([A-Z_]+\)/)) { \
+	    n = substr(d, RSTART + 2, RLENGTH - 3); d = substr(d, 1, RSTART - 1) ENVIRON[n] substr(d, RSTART + RLENGTH) } \
+	    printf "  \033[36m%-15s\033[0m %s\n", $$1, d }' $(MAKEFILE_LIST)
 
 .venv/.ready: $(LOCK) pyproject.toml
 	@echo ">> setting up .venv from $(LOCK) (torch: $(TORCH))"
@@ -98,30 +126,31 @@ wheelhouse: ## Download every locked wheel for PYTHON_VERSION (offline GPU hosts
 data: env ## Generate the bundled shapes dataset into data/shapes (deterministic)
 	$(PY) -m vlmfit data --out data/shapes
 
-preprocess: env data ## Validate DATA, put images on MODEL's visual-token budget, data report
-	$(NB) notebooks/preprocess.ipynb --name preprocess-$(MODEL) --reports $(REPORTS) \
-	  -p data $(DATA) -p model $(MODEL) -p weights $(WEIGHTS) -p max_image_tokens $(MAX_IMAGE_TOKENS)
+preprocess: env data ## Validate DATA ($(DATA)), put images on $(MODEL)'s visual-token budget, data report
+	@$(NB) notebooks/preprocess.ipynb --name preprocess-$(MODEL) $(NB_FLAGS) $(PRE_ARGS)
 
-profile: env data ## Measure memory and speed of MODEL's training step (memory ladder report)
-	$(NB) notebooks/profile.ipynb --name profile-$(MODEL) --reports $(REPORTS) \
+profile: env data ## Measure memory and speed of $(MODEL)'s training step (memory ladder report)
+	@$(NB) notebooks/profile.ipynb --name profile-$(MODEL) $(NB_FLAGS) \
 	  -p model $(MODEL) -p weights $(WEIGHTS) -p finetune $(FINETUNE)
 
-plan: env ## Predict peak memory for MODEL and pick a config that fits the GPU
-	$(PY) -m vlmfit plan --model $(MODEL) $(if $(GPU_GIB),--gpu-gib $(GPU_GIB),)
+plan: env ## Predict peak memory for $(MODEL) and pick a config that fits the GPU
+	@$(PY) -m vlmfit plan --model $(MODEL) $(if $(GPU_GIB),--gpu-gib $(GPU_GIB),)
 
-sft: env data ## Supervised fine-tuning (TRL SFTTrainer) of MODEL on DATA; report
-	$(NB) notebooks/sft.ipynb --name $(SFT_RUN) --reports $(REPORTS) \
-	  -p model $(MODEL) -p weights $(WEIGHTS) -p data $(DATA) -p eval_data $(EVAL_DATA) \
-	  -p run $(SFT_RUN) -p finetune $(FINETUNE) -p max_steps $(MAX_STEPS) \
-	  -p num_train_epochs $(EPOCHS) -p resume $(RESUME) -p max_image_tokens $(MAX_IMAGE_TOKENS) $(param_args)
+sft: env data ## Supervised fine-tuning (TRL SFTTrainer) of $(MODEL), $(FINETUNE), on DATA; runs/RUN, report
+	@$(NB) notebooks/sft.ipynb --name $(SFT_RUN) $(NB_FLAGS) $(SFT_ARGS)
 
 dpo: env data ## DPO (TRL DPOTrainer) from the SFT run's adapter (INIT=<run>) on DPO_DATA; report
-	$(NB) notebooks/dpo.ipynb --name $(DPO_RUN) --reports $(REPORTS) \
-	  -p model $(MODEL) -p weights $(WEIGHTS) -p data $(DPO_DATA) -p eval_data $(EVAL_DATA) -p preference_eval_data $(PREF_EVAL_DATA) \
-	  -p run $(DPO_RUN) -p init_adapter $(if $(INIT),$(INIT),$(SFT_RUN)) -p finetune $(DPO_FINETUNE) \
-	  -p max_steps $(MAX_STEPS) -p resume $(RESUME) $(param_args)
+	@$(NB) notebooks/dpo.ipynb --name $(DPO_RUN) $(NB_FLAGS) $(DPO_ARGS)
 
-train: preprocess sft ## Preprocess + SFT + evaluation (+ DPO with DPO=1) for MODEL; reports
+# Every check of `make train` (model, data, parameter names, run ids) before its first notebook.
+train-check: env data
+	@$(NB) notebooks/preprocess.ipynb --check $(NB_FLAGS) $(PRE_ARGS)
+	@$(NB) notebooks/sft.ipynb --check $(NB_FLAGS) $(SFT_ARGS)
+	@if [ "$(DPO)" = 1 ]; then $(NB) notebooks/dpo.ipynb --check $(NB_FLAGS) $(DPO_ARGS); fi
+
+train: train-check ## Preprocess + SFT + evaluation (+ DPO with DPO=1) for $(MODEL); reports
+	@$(MAKE) preprocess
+	@$(MAKE) sft
 	@if [ "$(DPO)" = 1 ]; then $(MAKE) dpo; fi
 	@$(PY) -m vlmfit index --reports $(REPORTS)
 
@@ -132,15 +161,13 @@ index: env ## Rebuild reports/index.html linking every report and run
 	$(PY) -m vlmfit index --reports $(REPORTS)
 
 merge: env ## Merge RUN's LoRA adapter into its base model (runs/RUN/merged)
-	$(PY) -m vlmfit train --merge $(RUN)
+	@$(PY) -m vlmfit train --merge $(SFT_RUN)
 
 bench: env ## Benchmarks: preprocessing images/s (CPU) and, on CUDA, memory/speed targets
 	$(PY) -m pytest -q -m "bench or gpu" -p no:cacheprovider tests --benchmarks
 
-lab: env ## JupyterLab on $(LAB_IP):$(LAB_PORT) with token authentication
-	$(PY) -m jupyter lab --ip=$(LAB_IP) --port=$(LAB_PORT) --no-browser \
-	  --IdentityProvider.token=$${JUPYTER_TOKEN:-$$($(PY) -c 'import secrets; print(secrets.token_hex(24))')} \
-	  --ServerApp.allow_remote_access=$(if $(filter 127.0.0.1 localhost,$(LAB_IP)),False,True)
+lab: env ## JupyterLab on $(LAB_IP):$(LAB_PORT), token required; prints the URL with its token
+	@$(PY) -m vlmfit lab --ip $(LAB_IP) --port $(LAB_PORT)
 
 test: env ## The test suite on CPU: fast tests, whole notebooks on tiny models, reports in chromium
 	@bash scripts/ensure_browser.sh

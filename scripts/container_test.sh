@@ -1,24 +1,29 @@
 #!/usr/bin/env bash
-# Build the vlmfit image for real (CPU torch) and test inside it, without Docker.
+# Build the vlmfit image for real and test inside it, without Docker.
 #
-# Usage:  scripts/container_test.sh            (from anywhere; runs as root)
+# Usage:  scripts/container_test.sh                      (CPU torch; runs as root)
+#         TORCH_VARIANT=cuda scripts/container_test.sh    (the GPU image: CUDA torch wheels)
 #
 # What it does, with the time of each phase:
 #   1. tools   installs buildah + debootstrap with apt if absent
 #   2. base    debootstrap Debian bookworm (minbase + ca-certificates) into
 #              $CACHE_DIR, tars it, imports it as localhost/vlmfit-base:bookworm
 #              (reused while the tarball is newer than this script)
-#   3. build   buildah bud of ./Dockerfile with TORCH_VARIANT=cpu, the local
-#              torch CPU wheel dir mounted as find-links, the host CA for pip
+#   3. build   buildah bud of ./Dockerfile with TORCH_VARIANT (cpu: the local
+#              torch CPU wheel dir mounted as find-links; cuda: the lock as is,
+#              torch + nvidia-* wheels from PyPI), the host CA for pip
 #   4. test    in a working container, as the image's non-root user: uid != 0,
-#              imports, installed versions == requirements.lock pins, a smoke
-#              pytest, then $CONTAINER_TEST_CMD (default: make test-fast)
+#              imports, installed versions == requirements.lock pins, (cuda) torch
+#              loads its CUDA runtime, cuBLAS and cuDNN, a smoke pytest, then
+#              $CONTAINER_TEST_CMD (default: make test-fast)
+# The image's size and each phase's time are written to $CACHE_DIR/<variant>-record.txt.
 #
 # Environment (all optional):
 #   STORAGE_DRIVER      buildah storage driver (default: overlay if it works, else vfs)
 #   CACHE_DIR           base rootfs cache (default: build/container)
-#   IMAGE               image tag to build (default: localhost/vlmfit:test)
-#   WHEELS_DIR          host dir with torch-2.13.0+cpu wheel (default: /opt/wheels)
+#   TORCH_VARIANT       cpu (default) | cuda
+#   IMAGE               image tag to build (default: localhost/vlmfit:test, cuda: localhost/vlmfit:cuda)
+#   WHEELS_DIR          host dir with torch-2.13.0+cpu wheel (default: /opt/wheels; cpu only)
 #   HOST_CA             CA bundle pip must trust (default: /etc/ssl/certs/ca-certificates.crt)
 #   TORCH_CPU_INDEX     extra index for CPU torch inside the build (default: empty = none)
 #   DEBIAN_MIRROR       default: http://deb.debian.org/debian
@@ -31,7 +36,12 @@ SCRIPT="$ROOT/scripts/container_test.sh"
 cd "$ROOT"
 
 CACHE_DIR="${CACHE_DIR:-$ROOT/build/container}"
-IMAGE="${IMAGE:-localhost/vlmfit:test}"
+TORCH_VARIANT="${TORCH_VARIANT:-cpu}"
+case "$TORCH_VARIANT" in
+    cpu) IMAGE="${IMAGE:-localhost/vlmfit:test}" ;;
+    cuda) IMAGE="${IMAGE:-localhost/vlmfit:cuda}" ;;
+    *) echo "TORCH_VARIANT must be cpu or cuda, not '$TORCH_VARIANT'" >&2; exit 2 ;;
+esac
 BASE_IMAGE="localhost/vlmfit-base:bookworm"
 WHEELS_DIR="${WHEELS_DIR:-/opt/wheels}"
 HOST_CA="${HOST_CA:-/etc/ssl/certs/ca-certificates.crt}"
@@ -117,13 +127,15 @@ fi
 phase_end
 
 # ---------------------------------------------------------------- 3. build
-phase_start build "buildah bud -> $IMAGE (TORCH_VARIANT=cpu)"
+phase_start build "buildah bud -> $IMAGE (TORCH_VARIANT=$TORCH_VARIANT)"
 BUD=("${B[@]}" bud --isolation chroot --network host --layers
      --build-arg "BASE_IMAGE=$BASE_IMAGE"
-     --build-arg TORCH_VARIANT=cpu
+     --build-arg "TORCH_VARIANT=$TORCH_VARIANT"
      --build-arg "TORCH_CPU_INDEX=$TORCH_CPU_INDEX"
      -f Dockerfile -t "$IMAGE")
-if [ -d "$WHEELS_DIR" ]; then
+# CPU only: a local find-links dir would offer torch 2.13.0+cpu, which pip prefers to
+# PyPI's CUDA 2.13.0 (a local label sorts higher), so the CUDA build never sees it.
+if [ "$TORCH_VARIANT" = cpu ] && [ -d "$WHEELS_DIR" ]; then
     BUD+=(-v "$WHEELS_DIR:/run/host-wheels:ro" --build-arg WHEELS_DIR=/run/host-wheels)
 fi
 if [ -f "$HOST_CA" ]; then
@@ -232,6 +244,23 @@ run_in python -c "import vlmfit, torch, transformers, trl, peft, datasets, PIL, 
 echo "-- versions vs requirements.lock"
 run_in python /tmp/check_lock.py requirements.lock "$(run_in cat /opt/venv/TORCH_VARIANT)"
 run_in pip check
+if [ "$TORCH_VARIANT" = cuda ]; then
+    echo "-- CUDA torch: its CUDA runtime, cuBLAS and cuDNN load (no GPU here, so no kernels run)"
+    run_in python -c "
+import ctypes, torch
+assert torch.version.cuda, 'torch without CUDA: ' + torch.__version__
+assert torch.backends.cudnn.is_available() and torch.backends.cudnn.version(), 'cuDNN missing'
+ctypes.CDLL('libcublas.so.13')
+maps = open('/proc/self/maps').read()
+libs = sorted({l.rsplit('/', 1)[-1] for l in maps.splitlines() if '/nvidia/' in l and '.so' in l})
+need = ('libcudart', 'libcublas', 'libcudnn')
+missing = [n for n in need if not any(x.startswith(n) for x in libs)]
+assert not missing, f'not loaded: {missing}; loaded: {libs}'
+print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'cuDNN', torch.backends.cudnn.version(),
+      '| cuda.is_available():', torch.cuda.is_available(), '(no GPU or driver in this build host)')
+print('loaded:', ' '.join(libs))
+"
+fi
 echo "-- venv is read-only for the runtime user"
 if run_in sh -c 'test -w /opt/venv/lib' 2>/dev/null; then echo "FAIL: /opt/venv writable by $RUNUSER" >&2; exit 1; fi
 echo "-- smoke pytest"
@@ -248,7 +277,15 @@ else
 fi
 phase_end
 
+SIZE=$("${B[@]}" inspect --type image --format '{{.Size}}' "$IMAGE" 2>/dev/null || echo "?")
+{
+    echo "image $IMAGE (TORCH_VARIANT=$TORCH_VARIANT, base $BASE_IMAGE, storage $STORAGE_DRIVER)"
+    echo "built and tested $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) cores"
+    "${B[@]}" images --format '{{.Name}}:{{.Tag}} {{.Size}}' "$IMAGE"
+    echo "size bytes: $SIZE"
+    printf '%s\n' "${PHASES[@]}"
+    echo "total  $(( $(date +%s) - T0 ))s"
+} | tee "$CACHE_DIR/$TORCH_VARIANT-record.txt.tmp"
+mv "$CACHE_DIR/$TORCH_VARIANT-record.txt.tmp" "$CACHE_DIR/$TORCH_VARIANT-record.txt"
 echo
-echo "== container_test OK ($STORAGE_DRIVER) =="
-printf '  %s\n' "${PHASES[@]}"
-echo "  total  $(( $(date +%s) - T0 ))s"
+echo "== container_test OK ($TORCH_VARIANT, $STORAGE_DRIVER) =="

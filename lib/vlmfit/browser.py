@@ -7,7 +7,8 @@ returns a list of problems (empty: all good): each page loads (``readyState`` co
 a title and a body), every ``<img>`` decodes (``complete`` and ``naturalWidth > 0``),
 every local ``<a href>`` resolves to an existing file (linked pages are visited too),
 no request leaves ``file:``/``data:`` (no external scripts, styles or fonts: they are
-blocked and reported), and nothing is logged to the console at level error.
+blocked and reported), nothing is logged to the console at level error, and no report
+comes from a notebook that crashed (``vlmfit.nbrun.report_status``).
 
 Chromium is driven through the DevTools protocol over ``--remote-debugging-pipe``
 (NUL-separated JSON on file descriptors 3 and 4): no port, no websocket, standard
@@ -368,6 +369,11 @@ def check_reports(
                     index_links.add(target.resolve())
                 if target.suffix == ".html" and target.resolve() not in seen:
                     queue.append(target)
+    from vlmfit.nbrun import report_status
+
+    for p in pages:
+        if p.name != "index.html" and report_status(p) == "failed":
+            problems.append(f"{p.name}: its notebook crashed (see {p.with_suffix('.ipynb').name})")
     index = folder / "index.html"
     if index.exists():
         for p in pages:

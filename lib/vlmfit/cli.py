@@ -1,19 +1,39 @@
 """Command line: ``python -m vlmfit COMMAND ...`` (also installed as ``vlmfit``).
 
-Commands (each module parses its own arguments, so ``--help`` works per command):
+Commands (``vlmfit COMMAND --help`` for each):
 
-    tokens   visual-token cost of an image size for a model     (vlmfit.budget)
-    check    validate a dataset, exit 1 listing every problem   (vlmfit.data.validate)
-    data     generate the bundled shapes dataset                (vlmfit.data.synth)
-    plan     predict peak memory and pick a config that fits    (vlmfit.memory)
-    notebook run a notebook with papermill and render HTML      (vlmfit.nbrun)
-    train    SFT / DPO / evaluate outside notebooks             (vlmfit.train)
+    tokens      visual-token cost of an image size for a model     (vlmfit.budget)
+    check       validate a dataset, exit 1 listing every problem   (vlmfit.data.validate)
+    data        generate the bundled shapes dataset                (vlmfit.data.synth)
+    preprocess  validate + budget + cache a dataset                (vlmfit.preprocess)
+    plan        predict peak memory and pick a config that fits    (vlmfit.memory)
+    train       SFT / DPO / evaluate outside notebooks             (vlmfit.train)
+    notebook    run a notebook with papermill and render HTML      (vlmfit.nbrun)
+    index       rebuild reports/index.html                         (vlmfit.nbrun)
+    watch       follow a run's metrics.jsonl: step, loss, ETA      (vlmfit.cli)
+    lab         JupyterLab on 127.0.0.1 with a token, URL printed  (vlmfit.cli)
+
+Flags take either spelling: ``--max-steps`` or ``--max_steps``. Errors end in one line
+without a traceback (``VLMFIT_DEBUG=1`` shows it).
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import dataclasses
 import importlib
+import inspect
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
 
 COMMANDS = {
     "tokens": ("vlmfit.budget", "cli_tokens"),
@@ -21,10 +41,302 @@ COMMANDS = {
     "data": ("vlmfit.data.synth", "main"),
     "plan": ("vlmfit.memory", "cli_plan"),
     "notebook": ("vlmfit.nbrun", "cli_notebook"),
-    "train": ("vlmfit.train", "cli_train"),
+    "train": ("vlmfit.cli", "cli_train"),
     "index": ("vlmfit.nbrun", "cli_index"),
     "preprocess": ("vlmfit.preprocess", "cli_preprocess"),
+    "watch": ("vlmfit.cli", "cli_watch"),
+    "lab": ("vlmfit.cli", "cli_lab"),
 }
+
+
+# ------------------------------------------------------------- --max-steps == --max_steps
+
+
+@contextlib.contextmanager
+def both_spellings() -> Iterator[None]:
+    """Let every argparse parser accept ``--a-b`` for ``--a_b`` and the reverse.
+
+    Each command builds its own parser; rather than registering aliases in each, argv is
+    rewritten at parse time to the spelling that parser knows.
+    """
+    original = argparse.ArgumentParser.parse_known_args
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        known = self._option_string_actions
+        fixed = []
+        for tok in args:
+            opt, eq, val = tok.partition("=")
+            if opt.startswith("--") and len(opt) > 2 and opt not in known:
+                for alt in ("--" + opt[2:].replace("_", "-"), "--" + opt[2:].replace("-", "_")):
+                    if alt in known:
+                        tok = alt + eq + val
+                        break
+            fixed.append(tok)
+        return original(self, fixed, namespace)
+
+    argparse.ArgumentParser.parse_known_args = parse_known_args  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        argparse.ArgumentParser.parse_known_args = original  # type: ignore[method-assign]
+
+
+# ---------------------------------------------------------------------- vlmfit train
+
+
+# Meanings of the RunConfig fields that carry no trailing comment in config.py (the comment,
+# when there is one, wins: config.py is the one place that should hold them all).
+FIELD_HELP = {
+    "method": "sft | dpo",
+    "runs_dir": "folder of run folders",
+    "lora_r": "LoRA rank: adapter size and capacity",
+    "lora_alpha": "LoRA scale (alpha / r multiplies the update)",
+    "lora_dropout": "dropout on the LoRA input",
+    "init_lora_weights": "default (B = 0: starts as the base) | gaussian",
+    "learning_rate": "peak learning rate (cosine schedule after warm-up)",
+    "num_train_epochs": "passes over the training data (when max_steps is -1)",
+    "max_steps": "optimizer steps (-1: num_train_epochs passes)",
+    "per_device_train_batch_size": "micro-batch; memory grows with it",
+    "gradient_accumulation_steps": "effective batch = micro-batch x this, no extra memory",
+    "warmup_ratio": "share of the steps spent warming the learning rate up",
+    "lr_scheduler_type": "transformers scheduler name: cosine, linear, constant...",
+    "weight_decay": "AdamW weight decay",
+    "max_grad_norm": "gradient clipping norm",
+    "seed": "seeds data order and initialisation",
+    "logging_steps": "metrics.jsonl gets a line every N optimizer steps",
+    "save_total_limit": "checkpoints kept (oldest deleted)",
+    "resume": "True: continue this run from its last checkpoint (RESUME=1)",
+    "beta": "DPO temperature: higher stays closer to the reference",
+    "max_image_tokens": "visual tokens per image (None: the processor default)",
+    "eval_max_new_tokens": "tokens generated per held-out answer",
+    "eval_batch_size": "held-out samples per generation batch",
+    "dataloader_num_workers": "data-loading processes (0: in the training process)",
+}
+
+
+def config_comments() -> dict[str, tuple[str, str]]:
+    """``{field: (section, comment)}`` from RunConfig's source: the comment inside each
+    field's statement (trailing, or inside its parentheses), the section from the last
+    standalone comment line above it."""
+    import ast
+    import io
+    import tokenize
+
+    from vlmfit.config import RunConfig
+
+    src, first = inspect.getsourcelines(RunConfig)
+    text = "".join(src)
+    comments: dict[int, str] = {}
+    for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = tok.string.lstrip("#").strip()
+    cls = ast.parse(text).body[0]
+    out: dict[str, tuple[str, str]] = {}
+    section, taken = "", set()
+    for node in cls.body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        above = [n for n in comments if n < node.lineno and n not in taken]
+        for n in sorted(above):
+            if src[n - 1].lstrip().startswith("#"):
+                section = comments[n]
+            taken.add(n)
+        own = [comments[n] for n in range(node.lineno, node.end_lineno + 1) if n in comments]
+        taken.update(range(node.lineno, node.end_lineno + 1))
+        out[node.target.id] = (section, " ".join(own))
+    return out
+
+
+def train_help() -> str:
+    """``vlmfit train --help``: every RunConfig field with its default and meaning."""
+    from vlmfit.config import RunConfig
+
+    comments = config_comments()
+    lines = [
+        "usage: vlmfit train [--FIELD VALUE ...] [--overwrite]",
+        "       vlmfit train --merge RUN [--out FOLDER]",
+        "",
+        "SFT or DPO outside the notebooks, with vlmfit.config.RunConfig fields as flags",
+        "(--max-steps or --max_steps). Writes runs/<run>/; an existing run is continued",
+        "with --resume true, replaced with --overwrite, else refused.",
+    ]
+    section = None
+    for f in dataclasses.fields(RunConfig):
+        sec, meaning = comments.get(f.name, ("", ""))
+        meaning = meaning or FIELD_HELP.get(f.name, "")
+        if sec != section:
+            section = sec
+            lines += ["", f"{sec or 'Fields'}:"]
+        default = (
+            f.default_factory()
+            if f.default is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING
+            else f.default
+        )
+        flag = f"--{f.name.replace('_', '-')}"
+        lines.append(f"  {flag:32} default {default!r}")
+        if meaning:
+            lines.append(f"  {'':32} {meaning}")
+    lines += [
+        "",
+        "Other:",
+        f"  {'--overwrite':32} replace runs/<run>/ when it already holds a run",
+        f"  {'--merge RUN':32} merge RUN's LoRA adapter into its base model",
+        f"  {'--out FOLDER':32} where --merge writes (default runs/RUN/merged)",
+    ]
+    return "\n".join(lines)
+
+
+def _train_overrides(argv: list[str]) -> dict[str, str]:
+    out, it = {}, iter(argv)
+    for tok in it:
+        if tok.startswith("--"):
+            key, eq, val = tok[2:].partition("=")
+            out[key.replace("-", "_")] = val if eq else next(it, "")
+    return out
+
+
+def cli_train(argv: list[str]) -> int:
+    """``vlmfit train``: help, did-you-mean and run protection, then vlmfit.train.cli_train."""
+    from vlmfit import nbrun, runs
+    from vlmfit.config import FIELDS, RunConfig
+
+    if {"-h", "--help"} & set(argv):
+        print(train_help())
+        return 0
+    overwrite = "--overwrite" in argv
+    argv = [a for a in argv if a != "--overwrite"]
+    if "--merge" in argv or any(a.startswith("--merge=") for a in argv):
+        from vlmfit import train
+
+        return int(train.cli_train(argv) or 0)
+    overrides = _train_overrides(argv)
+    unknown = sorted(set(overrides) - FIELDS)
+    if unknown:
+        dashed = {f.replace("_", "-") for f in FIELDS}
+        hints = "; ".join(
+            f"--{k.replace('_', '-')}{nbrun.did_you_mean(k.replace('_', '-'), dashed)}"
+            for k in unknown
+        )
+        raise SystemExit(f"vlmfit train: error: unknown option {hints} (vlmfit train --help)")
+    if "model" in overrides:
+        nbrun.check_model(overrides["model"])
+    d = RunConfig()
+    method = overrides.get("method", d.method)
+    run = overrides.get("run") or f"{method}-{overrides.get('model', d.model)}"
+    resume = str(overrides.get("resume", "")).lower() in {"1", "true", "yes", "on"}
+    runs.prepare_run_dir(
+        Path(overrides.get("runs_dir", d.runs_dir)) / run, resume=resume, overwrite=overwrite
+    )
+    from vlmfit import train
+
+    return int(train.cli_train(argv) or 0)
+
+
+# ---------------------------------------------------------------------- vlmfit watch
+
+
+def cli_watch(argv: list[str]) -> int:
+    """``vlmfit watch runs/<run>``: print step, loss and ETA as metrics.jsonl grows."""
+    from vlmfit.nbrun import progress_line
+
+    p = argparse.ArgumentParser(prog="vlmfit watch", description=cli_watch.__doc__)
+    p.add_argument("run", help="run folder (runs/<run>) or run id")
+    p.add_argument("--every", type=float, default=5.0, help="seconds between lines")
+    p.add_argument("--once", action="store_true", help="print the latest line and exit")
+    a = p.parse_args(argv)
+    path = Path(a.run) if Path(a.run).is_dir() else Path("runs") / a.run
+    log = path / "metrics.jsonl"
+    cfg = path / "config.json"
+    seen = -1
+    while True:
+        rows = []
+        if log.exists():
+            rows = [json.loads(x) for x in log.read_text().splitlines() if x.strip().endswith("}")]
+        rows = [r for r in rows if "loss" in r]
+        if rows and len(rows) != seen:
+            c = json.loads(cfg.read_text())["config"] if cfg.exists() else {}
+            line = progress_line(rows, c.get("max_steps", -1), c.get("num_train_epochs", 1.0))
+            print(f"{path.name}: {line}", flush=True)
+            seen = len(rows)
+        if a.once or (path / "summary.json").exists():
+            if not rows:
+                print(f"{path.name}: no training steps logged yet ({log})")
+            return 0
+        time.sleep(a.every)
+
+
+# ------------------------------------------------------------------------ vlmfit lab
+
+
+def lab_command(ip: str, port: int, root: bool | None = None) -> list[str]:
+    """The ``jupyter lab`` command line (the token travels in JUPYTER_TOKEN, not argv)."""
+    root = os.geteuid() == 0 if root is None else root
+    cmd = [
+        sys.executable,
+        "-m",
+        "jupyter",
+        "lab",
+        f"--ip={ip}",
+        f"--port={port}",
+        "--no-browser",
+        "--ServerApp.port_retries=0",  # the printed URL is the port it listens on, or it fails
+        f"--ServerApp.allow_remote_access={ip not in ('127.0.0.1', 'localhost')}",
+    ]
+    if root:  # a root shell on a host or a root container: Jupyter refuses without it
+        cmd.append("--allow-root")
+    return cmd
+
+
+def _listening(port: int, timeout: float = 0.5) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout):
+        return True
+    return False
+
+
+def cli_lab(argv: list[str]) -> int:
+    """``vlmfit lab``: JupyterLab with a token; prints the full URL once it listens."""
+    p = argparse.ArgumentParser(prog="vlmfit lab", description=cli_lab.__doc__)
+    p.add_argument("--ip", default="127.0.0.1", help="interface (0.0.0.0 in a container)")
+    p.add_argument("--port", type=int, default=8888)
+    a = p.parse_args(argv)
+    if _listening(a.port):
+        raise SystemExit(f"vlmfit lab: error: port {a.port} is taken; choose LAB_PORT=<port>")
+    token = os.environ.get("JUPYTER_TOKEN") or secrets.token_hex(24)
+    env = dict(os.environ, JUPYTER_TOKEN=token)
+    proc = subprocess.Popen(lab_command(a.ip, a.port), env=env)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda s, _f: proc.send_signal(s))
+    url = f"http://127.0.0.1:{a.port}/lab?token={token}"
+    while proc.poll() is None:
+        if _listening(a.port):
+            where = (
+                " (published on the host's 127.0.0.1 by docker run -p 127.0.0.1:PORT:PORT)"
+                if os.environ.get("VLMFIT_IN_CONTAINER") == "1"
+                else ""
+            )
+            print(f"\nJupyterLab is running{where}; open:\n\n    {url}\n", flush=True)
+            break
+        time.sleep(0.3)
+    return proc.wait()
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def models_help() -> str:
+    from vlmfit import registry
+
+    rows = [
+        f"  {n:18} {'offline tiny model' if m.tiny else m.hub_id}"
+        + (f" ({m.params_b:g}B)" if m.params_b else "")
+        for n, m in registry.MODELS.items()
+    ]
+    return "models (--model):\n" + "\n".join(rows)
+
+
+# Our own errors read as sentences; anything else keeps its type name.
+_OURS = {"ParameterError", "RunExistsError", "ConfigError", "NotebookFailed", "UnknownModelError"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,8 +346,36 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"vlmfit: unknown command {name!r}; one of: {', '.join(COMMANDS)}", file=sys.stderr)
+        from vlmfit.nbrun import did_you_mean
+
+        print(
+            f"vlmfit: error: unknown command {name!r}{did_you_mean(name, COMMANDS)}; "
+            f"one of: {', '.join(COMMANDS)}",
+            file=sys.stderr,
+        )
         return 2
     module, func = COMMANDS[name]
-    result = getattr(importlib.import_module(module), func)(rest)
+    wants_help = bool({"-h", "--help"} & set(rest))
+    try:
+        with both_spellings():
+            result = getattr(importlib.import_module(module), func)(rest)
+    except SystemExit as e:
+        if wants_help and name in {"tokens", "plan", "check", "preprocess"}:
+            print("\n" + models_help())
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+            return 2
+        return int(e.code or 0)
+    except KeyboardInterrupt:
+        print(f"vlmfit {name}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `vlmfit ... | head`
+        return 0
+    except Exception as e:  # noqa: BLE001 - one line for people; VLMFIT_DEBUG=1 for the trace
+        if os.environ.get("VLMFIT_DEBUG") == "1":
+            raise
+        text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        kind = "" if type(e).__name__ in _OURS else f"{type(e).__name__}: "
+        print(f"vlmfit {name}: error: {kind}{text}", file=sys.stderr)
+        return 1
     return int(result or 0)

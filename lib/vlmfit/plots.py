@@ -58,6 +58,20 @@ def _hist(ax: Any, series: dict[str, tuple[list[float], str]], log: bool, xlabel
     ax.legend(fontsize=8)
 
 
+def _limit_line(ax: Any, values: list[float], limit: int | None, label: str) -> str:
+    """Draw a limit as a dashed line when it is near the data; else return a note for the
+    title. A limit far right of short samples would squeeze every bar into one sliver."""
+    if not limit:
+        return ""
+    top = max(values) if values else 0
+    if values and limit > 2 * top:
+        return f" (all <= {top:,.0f}; {label}={limit:,} is off the chart)"
+    ax.axvline(limit, color="black", linestyle="--", linewidth=1)
+    ax.annotate(f"{label}={limit}", (limit, 0.95), xycoords=("data", "axes fraction"),
+                fontsize=8, ha="right")  # fmt: skip
+    return ""
+
+
 def image_sizes(image_stats: list[dict[str, Any]]) -> Figure:
     """Longest edge and megapixels of every image: as stored, and as saved for training."""
     rows = [r for r in image_stats if r.get("kind", "image") == "image"]
@@ -83,13 +97,10 @@ def visual_tokens(image_stats: list[dict[str, Any]], budget: int | None = None) 
     before = [r["tokens_before"] for r in rows]
     after = [r["tokens_after"] for r in rows]
     _hist(ax, {"processor defaults": (before, BEFORE), "budget": (after, AFTER)}, True, "tokens")
-    if budget:
-        ax.axvline(budget, color="black", linestyle="--", linewidth=1)
-        ax.annotate(f"max_image_tokens={budget}", (budget, 0.95), xycoords=("data", "axes fraction"),
-                    fontsize=8, ha="right")  # fmt: skip
+    note = _limit_line(ax, before + after, budget, "max_image_tokens")
     total_b, total_a = sum(before), sum(after)
     ratio = f"{total_b / total_a:.1f}x fewer" if total_a and total_b > total_a else "unchanged"
-    ax.set_title(f"Visual tokens per image: {total_b:,} -> {total_a:,} in total ({ratio})")
+    ax.set_title(f"Visual tokens per image: {total_b:,} -> {total_a:,} in total ({ratio}){note}")
     return fig
 
 
@@ -104,10 +115,8 @@ def sequence_lengths(sample_stats: list[dict[str, Any]], max_length: int) -> Fig
         "written": (written, AFTER),
     }
     _hist(ax, series, True, "tokens per sample")
-    ax.axvline(max_length, color="black", linestyle="--", linewidth=1)
-    ax.annotate(f"max_length={max_length}", (max_length, 0.95), xycoords=("data", "axes fraction"),
-                fontsize=8, ha="right")  # fmt: skip
-    ax.set_title("Sequence length after the chat template (text + visual tokens)")
+    note = _limit_line(ax, [v for vs, _ in series.values() for v in vs], max_length, "max_length")
+    ax.set_title(f"Tokens per sample after the chat template (text + visual){note}")
     return fig
 
 

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -27,19 +28,77 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def write_json(path: str | Path, obj: Any) -> Path:
-    """Write JSON atomically (temp file in the same folder, then rename)."""
+class RunExistsError(RuntimeError):
+    """Training into a run id that already holds a run, without RESUME=1 or OVERWRITE=1."""
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | Path, data: str | bytes) -> Path:
+    """Write a file atomically (temp file in the same folder, then rename).
+
+    The file gets the user's umask like any ``open()``-created file (``mkstemp`` alone
+    leaves 0600, which locks other users and the host out of mounted reports and runs).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False, default=str)
-            f.write("\n")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    return path
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """Write JSON atomically, with the user's umask (:func:`atomic_write`)."""
+    return atomic_write(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def has_run(path: str | Path) -> bool:
+    """Whether a run folder holds a run (its configuration, metrics, checkpoints or adapter)."""
+    path = Path(path)
+    marks = ("config.json", "metrics.jsonl", "summary.json", "checkpoints", "adapter")
+    return any((path / m).exists() for m in marks)
+
+
+def check_run_dir(path: str | Path, resume: bool = False, overwrite: bool = False) -> None:
+    """Raise :class:`RunExistsError` where :func:`prepare_run_dir` would refuse."""
+    path = Path(path)
+    if resume and overwrite:
+        raise RunExistsError("RESUME=1 and OVERWRITE=1 contradict each other: choose one")
+    if has_run(path) and not resume and not overwrite:
+        raise RunExistsError(
+            f"{path} already holds a run; RESUME=1 continues it, OVERWRITE=1 replaces it, "
+            "or choose another RUN=<id>"
+        )
+
+
+def prepare_run_dir(path: str | Path, resume: bool = False, overwrite: bool = False) -> Path:
+    """Make ``path`` ready for a run without ever replacing one silently.
+
+    A folder that already holds a run is continued with ``resume``, replaced with
+    ``overwrite`` (removed first), and otherwise refused with :class:`RunExistsError`
+    naming the three ways on. Returns the (existing or new) folder.
+    """
+    path = Path(path)
+    check_run_dir(path, resume, overwrite)
+    if has_run(path) and not resume:
+        # Move aside first, then delete: a crash never leaves a half-deleted run in place.
+        trash = path.with_name(f".{path.name}.replaced")
+        if trash.exists():
+            shutil.rmtree(trash)
+        path.rename(trash)
+        shutil.rmtree(trash)
+    path.mkdir(parents=True, exist_ok=True)
     return path
 
 
@@ -91,7 +150,11 @@ def environment() -> dict[str, Any]:
 
 
 class MetricsLog:
-    """Append-only JSONL metrics log (survives a killed run; resume appends)."""
+    """Append-only JSONL metrics log (survives a killed run; resume appends).
+
+    Follow it live while a run trains: ``python -m vlmfit watch runs/<run>`` (step, loss,
+    ETA) or ``tail -f runs/<run>/metrics.jsonl``.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
