@@ -281,11 +281,20 @@ def test_swift_rejected_messages_with_rejected_images(tmp_path: Path) -> None:
             {"role": "assistant", "content": "A puppy."},
         ],
     }
-    res = load_records(write(tmp_path / "bad.jsonl", [bad_images, other_prompt], jsonl=True))
+    image_pair = {
+        "messages": record["messages"],
+        "images": ["cat.png"],
+        "rejected_images": ["dog.png"],
+    }
+    rows = [bad_images, other_prompt, image_pair]
+    res = load_records(write(tmp_path / "bad.jsonl", rows, jsonl=True))
     assert res.records == []
-    assert [p.index for p in res.problems] == [1, 2]
+    assert [p.index for p in res.problems] == [1, 2, 3]
     assert res.problems[0].reason.startswith("unsupported preference: 'rejected_images' differ")
     assert res.problems[1].reason.startswith("unsupported preference: 'rejected_messages' must")
+    assert res.problems[2].reason.startswith(
+        "unsupported preference: 'rejected_images' without 'rejected_response'"
+    )
 
 
 # --------------------------------------------------------------------------- TRL
@@ -437,6 +446,40 @@ def test_qwen_and_unsloth_image_parts_with_their_source(tmp_path: Path) -> None:
         str((tmp_path / "demo.png").resolve()),
         str((tmp_path / "two.png").resolve()),
     ]
+
+
+def test_unsloth_conversation_with_pil_images_saved_by_datasets(tmp_path: Path) -> None:
+    import datasets
+
+    # Unsloth's vision notebooks: {"type": "image", "image": sample["image"]} holding a PIL image
+    sample = {"image": Image.new("RGB", (7, 5), "blue"), "text": "A blue patch."}
+    rows = [
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "Describe this image.", "image": None},
+                        {"type": "image", "text": None, "image": sample["image"]},
+                    ],
+                },
+                {
+                    "role": "assistant",
+                    "content": [{"type": "text", "text": sample["text"], "image": None}],
+                },
+            ]
+        }
+    ]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+    r = only(tmp_path / "ds")
+    assert r.fmt == "trl"
+    assert r.messages == [
+        turn("user", "Describe this image.", IMG),
+        turn("assistant", "A blue patch."),
+    ]
+    assert r.images[0].describe() == "images[0] (embedded)"
+    with Image.open(io.BytesIO(r.images[0].data)) as im:
+        assert im.size == (7, 5)
 
 
 def test_openai_image_url_local_path_and_data_uri(tmp_path: Path) -> None:
