@@ -92,7 +92,6 @@ FIELD_HELP = {
     "runs_dir": "folder of run folders",
     "lora_r": "LoRA rank: adapter size and capacity",
     "lora_alpha": "LoRA scale (alpha / r multiplies the update)",
-    "lora_dropout": "dropout on the LoRA input",
     "init_lora_weights": "default (B = 0: starts as the base) | gaussian",
     "learning_rate": "peak learning rate (cosine schedule after warm-up)",
     "num_train_epochs": "passes over the training data (when max_steps is -1)",
@@ -111,7 +110,8 @@ FIELD_HELP = {
     "max_image_tokens": "visual tokens per image (None: the processor default)",
     "eval_max_new_tokens": "tokens generated per held-out answer",
     "eval_batch_size": "held-out samples per generation batch",
-    "dataloader_num_workers": "data-loading processes (0: in the training process)",
+    "finetune": "lora | qlora (4-bit NF4, CUDA) | full | projector",
+    "overlength": "samples over max_length: drop them, or shrink their images",
 }
 
 
@@ -213,9 +213,9 @@ def cli_train(argv: list[str]) -> int:
     overrides = _train_overrides(argv)
     unknown = sorted(set(overrides) - FIELDS)
     if unknown:
-        dashed = {f.replace("_", "-") for f in FIELDS}
+        dashed = {"--" + f.replace("_", "-") for f in FIELDS}
         hints = "; ".join(
-            f"--{k.replace('_', '-')}{nbrun.did_you_mean(k.replace('_', '-'), dashed)}"
+            f"--{k.replace('_', '-')}{nbrun.did_you_mean('--' + k.replace('_', '-'), dashed)}"
             for k in unknown
         )
         raise SystemExit(f"vlmfit train: error: unknown option {hints} (vlmfit train --help)")
@@ -281,6 +281,7 @@ def lab_command(ip: str, port: int, root: bool | None = None) -> list[str]:
         f"--port={port}",
         "--no-browser",
         "--ServerApp.port_retries=0",  # the printed URL is the port it listens on, or it fails
+        "--ServerApp.log_level=WARN",  # its INFO lines would bury the URL printed below
         f"--ServerApp.allow_remote_access={ip not in ('127.0.0.1', 'localhost')}",
     ]
     if root:  # a root shell on a host or a root container: Jupyter refuses without it

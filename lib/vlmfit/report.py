@@ -41,6 +41,11 @@ def human(v: Any, key: str = "") -> str:
     return f"{v:.2e}"
 
 
+def rate(v: float | None) -> str:
+    """A share such as exact match, always 3 decimals (0.000 .. 1.000)."""
+    return "-" if v is None else f"{v:.3f}"
+
+
 def duration(seconds: float) -> str:
     s = int(round(seconds))
     if s < 60:
@@ -191,8 +196,8 @@ def results_summary(run_path: str | Path) -> str:
     b, a = s.get("eval_before") or {}, s.get("eval_after") or {}
     if a.get("exact_match") is not None:
         rows.append(
-            (f"held-out exact match (n = {a.get('n')})", human(b.get("exact_match")),
-             human(a.get("exact_match")))
+            (f"held-out exact match (n = {a.get('n')})", rate(b.get("exact_match")),
+             rate(a.get("exact_match")))
         )  # fmt: skip
     if s.get("method") == "dpo":
         rows += dpo_changes(s, metrics(run_path))
