@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from vlmfit.data.formats import load_records
-from vlmfit.data.validate import check_dataset
+from vlmfit.data.validate import check_dataset, cli_check
 from vlmfit.records import Record
 
 IMG = {"type": "image"}
@@ -195,8 +195,10 @@ def test_llamafactory_dataset_info_columns_formatting(tmp_path: Path) -> None:
         turn("assistant", "red"),
     ]
     assert r.images[0].path == str((data / "mllm_demo_data" / "1.png").resolve())
-    # DATASET_DIR/NAME says the same thing
+    # DATASET_DIR/NAME says the same thing, and so does the command line
     assert load_records(data / "custom_sft").records[0].messages == r.messages
+    assert cli_check([str(data), "--dataset", "custom_sft"]) == 0
+    assert cli_check([str(data / "rlhf_demo")]) == 0
     assert tree_hash(data) == before
 
 
