@@ -37,10 +37,12 @@ SFT = {
     "per_device_train_batch_size": 32,
     "extra": {"train_vision": False, "train_projector": True, "gradient_checkpointing": False},
 }
+# DPO: 3 passes at 5e-4 move held-out reward accuracy to ~0.88 and the margin ~20x further
+# than 1 pass at 1e-4 did (0.085 vs 0.004), ~40 s on 2 cores; exact match is not lowered.
 DPO = {
     "finetune": "lora",
-    "num_train_epochs": 1,
-    "learning_rate": 1e-4,
+    "num_train_epochs": 3,
+    "learning_rate": 5e-4,
     "per_device_train_batch_size": 8,
     "extra": {"lora_r": 16, "lora_alpha": 32, "gradient_checkpointing": False},
 }

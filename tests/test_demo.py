@@ -1,6 +1,10 @@
 """The embedded default, end to end: `make demo` on CPU with a tiny model (slow, ~3-4 min).
 
 pytest -q -m slow tests/test_demo.py
+
+Besides learning, it checks what a user sees (issue 10): progress lines in the terminal,
+DPO's reward accuracy and margin before -> after, reports without code or stderr, and
+that the checkout's notebooks are left exactly as committed.
 """
 
 from __future__ import annotations
@@ -16,8 +20,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
+def _git_status() -> str | None:
+    if not (ROOT / ".git").exists():
+        return None
+    out = subprocess.run(
+        ["git", "status", "--porcelain", "notebooks"], cwd=ROOT, capture_output=True, text=True
+    )
+    return out.stdout if out.returncode == 0 else None
+
+
 def test_demo_learns_and_writes_linked_offline_reports(tmp_path, tiny_cache):
     (tmp_path / "notebooks").symlink_to(ROOT / "notebooks")
+    status_before = _git_status()
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "demo.py"), "--reports", "reports"],
         cwd=tmp_path,
@@ -27,6 +41,11 @@ def test_demo_learns_and_writes_linked_offline_reports(tmp_path, tiny_cache):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "[demo]   after SFT" in proc.stdout
+    # progress while the notebooks ran: the section, then step / loss / ETA
+    assert "[sft-tiny-smolvlm]" in proc.stdout and " ETA " in proc.stdout, proc.stdout[-3000:]
+    assert "reward accuracy (held-out pairs)" in proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert _git_status() == status_before, "the run left the notebooks as committed"
     sft = json.loads((tmp_path / "runs/sft-tiny-smolvlm/summary.json").read_text())
     dpo = json.loads((tmp_path / "runs/dpo-tiny-smolvlm/summary.json").read_text())
     before = sft["eval_before"]
@@ -53,6 +72,9 @@ def test_demo_learns_and_writes_linked_offline_reports(tmp_path, tiny_cache):
         plots = re.findall(r'<img (?![^>]*alt="sample")[^>]*src="data:image/png', page)
         assert len(plots) >= 2, f"{name}: {len(plots)} figures"
         assert 'alt="sample"' in page, "evaluation table with sample images"
+        for noise in ("Traceback", "FutureWarning", "Loading weights", "kernels", "import "):
+            assert noise not in page, f"{name}: {noise!r} in the report"
+        assert page.index("Results") < page.index("Configuration"), "results first"
     from vlmfit import browser
 
     if browser.find_chromium() is None:

@@ -194,3 +194,34 @@ def test_watch_prints_the_latest_step(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("run: step 20/20 (100%) loss 0.1")
+
+
+def test_watch_mirrors_metrics_into_tensorboard(tmp_path):
+    """`vlmfit watch --tensorboard DIR` writes event files TensorBoard reads back."""
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:
+        import pytest
+
+        pytest.skip("tensorboard is not installed (optional: pip install tensorboard)")
+    run = _run(tmp_path)
+    tb = tmp_path / "tb"
+    proc = subprocess.run(
+        [sys.executable, "-m", "vlmfit", "watch", str(run), "--once", "--tensorboard", str(tb)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    acc = EventAccumulator(str(tb))
+    acc.Reload()
+    loss = acc.Scalars("loss")
+    assert [e.step for e in loss] == list(range(2, 21, 2))
+    assert loss[-1].value == pytest_approx(0.1)
+    assert "mem_rss_gib" in acc.Tags()["scalars"]
+
+
+def pytest_approx(v):
+    import pytest
+
+    return pytest.approx(v, rel=1e-5)

@@ -244,15 +244,38 @@ def cli_watch(argv: list[str]) -> int:
     p.add_argument("run", help="run folder (runs/<run>) or run id")
     p.add_argument("--every", type=float, default=5.0, help="seconds between lines")
     p.add_argument("--once", action="store_true", help="print the latest line and exit")
+    p.add_argument(
+        "--tensorboard",
+        metavar="DIR",
+        help="also mirror every metric into TensorBoard event files in DIR "
+        "(needs the tensorboard package; then: tensorboard --logdir DIR)",
+    )
     a = p.parse_args(argv)
     path = Path(a.run) if Path(a.run).is_dir() else Path("runs") / a.run
     log = path / "metrics.jsonl"
     cfg = path / "config.json"
-    seen = -1
+    writer = None
+    if a.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise SystemExit(
+                "vlmfit watch: error: --tensorboard needs the tensorboard package "
+                "(pip install tensorboard)"
+            ) from None
+        writer = SummaryWriter(a.tensorboard)
+    seen, mirrored = -1, 0
     while True:
         rows = []
         if log.exists():
             rows = [json.loads(x) for x in log.read_text().splitlines() if x.strip().endswith("}")]
+        if writer is not None:
+            for r in rows[mirrored:]:
+                for k, v in r.items():
+                    if k not in ("step", "time", "epoch") and isinstance(v, int | float):
+                        writer.add_scalar(k, v, r["step"], walltime=r.get("time"))
+            mirrored = len(rows)
+            writer.flush()
         rows = [r for r in rows if "loss" in r]
         if rows and len(rows) != seen:
             c = json.loads(cfg.read_text())["config"] if cfg.exists() else {}
@@ -260,6 +283,8 @@ def cli_watch(argv: list[str]) -> int:
             print(f"{path.name}: {line}", flush=True)
             seen = len(rows)
         if a.once or (path / "summary.json").exists():
+            if writer is not None:
+                writer.close()
             if not rows:
                 print(f"{path.name}: no training steps logged yet ({log})")
             return 0
