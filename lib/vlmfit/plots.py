@@ -47,10 +47,21 @@ def _hist(ax: Any, series: dict[str, tuple[list[float], str]], log: bool, xlabel
         ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
         return
     log = log and min(values) > 0 and max(values) / max(min(values), 1) > 20
-    bins = _bins(values, log=log)
+    if all(float(v).is_integer() for v in values) and max(values) - min(values) <= 60:
+        # a few distinct integers (tokens of short samples): one bar per value, not slivers
+        bins = np.arange(min(values) - 0.5, max(values) + 1.5)
+        log = False
+    else:
+        bins = _bins(values, log=log)
+    # identical series drawn once, named together (overlaid they mix into one grey)
+    merged: dict[tuple, tuple[list[str], list[float], str]] = {}
     for label, (vs, colour) in series.items():
         if vs:
-            ax.hist(vs, bins=bins, alpha=0.55, color=colour, label=f"{label} (n={len(vs)})")
+            key = tuple(sorted(vs))
+            merged.setdefault(key, ([], vs, colour))[0].append(label)
+    for labels, vs, colour in merged.values():
+        ax.hist(vs, bins=bins, alpha=0.55, color=colour,
+                label=f"{' = '.join(labels)} (n={len(vs)})")  # fmt: skip
     if log:
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)
