@@ -154,7 +154,7 @@ train: train-check ## Preprocess + SFT + evaluation (+ DPO with DPO=1) for $(MOD
 	@if [ "$(DPO)" = 1 ]; then $(MAKE) dpo; fi
 	@$(PY) -m vlmfit index --reports $(REPORTS)
 
-demo: env ## The whole pipeline offline on CPU: bundled data, tiny model, SFT, DPO, reports (<10 min)
+demo: env ## The whole pipeline offline on CPU: bundled data, tiny model, SFT, DPO, reports (~5 min, 2 cores)
 	@$(PY) scripts/demo.py --reports $(REPORTS)
 
 index: env ## Rebuild reports/index.html linking every report and run
