@@ -10,6 +10,7 @@ that the checkout's notebooks are left exactly as committed.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +39,7 @@ def test_demo_learns_and_writes_linked_offline_reports(tmp_path, tiny_cache):
         capture_output=True,
         text=True,
         timeout=900,
+        preexec_fn=lambda: os.umask(0o022),
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "[demo]   after SFT" in proc.stdout
@@ -59,6 +61,14 @@ def test_demo_learns_and_writes_linked_offline_reports(tmp_path, tiny_cache):
     meta = json.loads((tmp_path / "data/shapes/meta.json").read_text())
     test_counts = meta["counts"]["sft_test"]
     assert test_counts["total"] == sft["eval_after"]["n"]
+    # files users mount are readable by them (weights included: safetensors writes 0600)
+    private = [
+        p
+        for d in ("runs", "reports")
+        for p in (tmp_path / d).rglob("*")
+        if p.stat().st_mode & 0o044 != 0o044
+    ]
+    assert private == [], private[:5]
     # every report exists and the index links them all
     index = (tmp_path / "reports/index.html").read_text()
     for name in ("preprocess-tiny-smolvlm", "sft-tiny-smolvlm", "dpo-tiny-smolvlm"):

@@ -188,3 +188,22 @@ def test_atomic_write_follows_the_umask(tmp_path):
 def test_check_reports_counts_a_crashed_notebook(pipeline):
     problems = browser.check_reports(pipeline["out"])
     assert problems == ["my-sft.html: its notebook crashed (see my-sft.ipynb)"], problems
+
+
+def test_apply_umask_fixes_what_writers_left_private(tmp_path, umask):
+    import tempfile
+
+    import torch
+    from safetensors.torch import save_file
+
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    weights = run / "adapter" / "model.safetensors"
+    save_file({"w": torch.zeros(2)}, str(weights))
+    private = Path(tempfile.mkdtemp(dir=run))
+    script = run / "go.sh"
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o700)
+    assert runs.apply_umask(run) >= 2
+    assert _mode(weights) == 0o644 and _mode(private) == 0o755 and _mode(script) == 0o755
+    assert runs.apply_umask(run) == 0, "idempotent"

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vlmfit import runs
 from vlmfit.runs import atomic_write
 
 REPORTS = Path("reports")
@@ -217,8 +218,6 @@ def preflight(
     ``dry_run`` checks without touching run folders (``make train`` checks its DPO step
     before the SFT run that makes DPO's ``init_adapter`` exists).
     """
-    from vlmfit import runs
-
     params = check_parameters(notebook, params)
     extra = params.get("extra") or {}
     env: dict[str, str] = {}
@@ -569,6 +568,8 @@ def run_notebook(
     finally:
         if watcher:
             watcher.finish()
+        if metrics is not None:  # weights and checkpoints get the umask like every file
+            runs.apply_umask(metrics.parent)
         for k, v in saved_env.items():
             if v is None:
                 os.environ.pop(k, None)

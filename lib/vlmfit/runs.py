@@ -58,6 +58,28 @@ def atomic_write(path: str | Path, data: str | bytes) -> Path:
     return path
 
 
+def apply_umask(root: str | Path) -> int:
+    """Give every file and folder under ``root`` the user's umask; returns how many changed.
+
+    Some writers ignore it: safetensors writes weights 0600, ``mkdtemp`` folders are 0700.
+    In a mounted ``runs/`` that locks the host user out of their own adapter. Executable
+    bits are kept where they are set.
+    """
+    root = Path(root)
+    if not root.exists():
+        return 0
+    mask, changed = _umask(), 0
+    for p in [root, *root.rglob("*")]:
+        if p.is_symlink():
+            continue
+        mode = p.stat().st_mode & 0o777
+        want = (0o777 if p.is_dir() or mode & 0o111 else 0o666) & ~mask
+        if mode != want:
+            p.chmod(want)
+            changed += 1
+    return changed
+
+
 def write_json(path: str | Path, obj: Any) -> Path:
     """Write JSON atomically, with the user's umask (:func:`atomic_write`)."""
     return atomic_write(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
