@@ -20,7 +20,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
 def _git_status() -> str | None:
     if not (ROOT / ".git").exists():
         return None
@@ -30,6 +29,7 @@ def _git_status() -> str | None:
     return out.stdout if out.returncode == 0 else None
 
 
+@pytest.mark.slow
 def test_demo_learns_and_writes_linked_offline_reports(tmp_path, tiny_cache):
     (tmp_path / "notebooks").symlink_to(ROOT / "notebooks")
     status_before = _git_status()
