@@ -161,7 +161,10 @@ def test_train_cli_did_you_mean_and_both_spellings(tmp_path):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "did you mean '--max-steps'" in proc.stderr
     proc = _vlmfit("train", "--model", "smolvlmx", cwd=tmp_path)
-    assert "did you mean 'smolvlm'" in proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "Traceback" not in proc.stdout + proc.stderr
+    out = (proc.stdout + proc.stderr).strip().splitlines()
+    assert len(out) == 1 and "unknown model 'smolvlmx'" in out[0], out
+    assert not (tmp_path / "runs").exists(), "nothing created for a bad configuration"
 
 
 def test_flags_take_either_spelling():

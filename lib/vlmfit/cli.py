@@ -219,13 +219,12 @@ def cli_train(argv: list[str]) -> int:
             for k in unknown
         )
         raise SystemExit(f"vlmfit train: error: unknown option {hints} (vlmfit train --help)")
-    if "model" in overrides:
-        nbrun.check_model(overrides["model"])
     d = RunConfig()
     method = overrides.get("method", d.method)
     run = overrides.get("run") or f"{method}-{overrides.get('model', d.model)}"
     resume = str(overrides.get("resume", "")).lower() in {"1", "true", "yes", "on"}
-    runs.prepare_run_dir(
+    # Refuse here; with --overwrite, train.run replaces the old run once the config is valid.
+    runs.check_run_dir(
         Path(overrides.get("runs_dir", d.runs_dir)) / run, resume=resume, overwrite=overwrite
     )
     from vlmfit import train
@@ -401,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("VLMFIT_DEBUG") == "1":
             raise
         text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        kind = "" if type(e).__name__ in _OURS else f"{type(e).__name__}: "
+        ours = type(e).__name__ in _OURS
+        kind = "" if ours else f"{type(e).__name__}: "
         print(f"vlmfit {name}: error: {kind}{text}", file=sys.stderr)
-        return 1
+        return 2 if ours else 1
     return int(result or 0)
