@@ -277,12 +277,10 @@ else
 fi
 phase_end
 
-SIZE=$("${B[@]}" inspect --type image --format '{{.Size}}' "$IMAGE" 2>/dev/null || echo "?")
 {
     echo "image $IMAGE (TORCH_VARIANT=$TORCH_VARIANT, base $BASE_IMAGE, storage $STORAGE_DRIVER)"
     echo "built and tested $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) cores"
     "${B[@]}" images --format '{{.Name}}:{{.Tag}} {{.Size}}' "$IMAGE"
-    echo "size bytes: $SIZE"
     printf '%s\n' "${PHASES[@]}"
     echo "total  $(( $(date +%s) - T0 ))s"
 } | tee "$CACHE_DIR/$TORCH_VARIANT-record.txt.tmp"
