@@ -227,6 +227,8 @@ def cli_train(argv: list[str]) -> int:
     runs.check_run_dir(
         Path(overrides.get("runs_dir", d.runs_dir)) / run, resume=resume, overwrite=overwrite
     )
+    if overwrite and "overwrite" in FIELDS:  # once RunConfig carries it, train.run decides
+        argv = [*argv, "--overwrite", "true"]
     from vlmfit import train
 
     return int(train.cli_train(argv) or 0)

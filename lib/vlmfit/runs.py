@@ -32,7 +32,8 @@ class RunExistsError(RuntimeError):
     """Training into a run id that already holds a run, without RESUME=1 or OVERWRITE=1."""
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process umask (read without changing it for good)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -50,7 +51,7 @@ def atomic_write(path: str | Path, data: str | bytes) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -68,7 +69,7 @@ def apply_umask(root: str | Path) -> int:
     root = Path(root)
     if not root.exists():
         return 0
-    mask, changed = _umask(), 0
+    mask, changed = umask(), 0
     for p in [root, *root.rglob("*")]:
         if p.is_symlink():
             continue
