@@ -206,14 +206,19 @@ def test_training_reads_the_prepared_cache_lazily_without_the_source(shapes, tin
 def test_dataloader_workers_run_the_image_processor_and_levers_are_recorded(
     shapes, tiny_cache, tmp_path
 ):
-    cfg = _cfg(shapes, tmp_path, model="tiny-qwen2.5-vl", dataloader_num_workers=2)
+    cfg = _cfg(shapes, tmp_path, model="tiny-qwen2.5-vl", dataloader_num_workers=2, max_steps=4)
     summary = train.run(cfg, progress=False)
-    assert summary["global_step"] == 2 and summary["train_loss"] > 0
+    assert summary["global_step"] == 4 and summary["train_loss"] > 0
     levers = summary["levers"]
-    assert levers["dataloader_num_workers"] == 2 and levers["dataloader_prefetch_factor"] == 4
+    assert levers["dataloader_num_workers"] == 2 and levers["dataloader_prefetch_factor"] == 2
     assert levers["vision_no_grad"] and levers["vision_no_grad_modules"] == ["model.visual"]
     assert levers["train_sampling_strategy"] == "group_by_length"
-    assert summary["tokens_per_s"] > 0
+    assert summary["tokens_per_s"] > 0 and 0 <= summary["data_wait_fraction"] < 1
+    logged = [
+        json.loads(x)
+        for x in (Path(cfg.runs_dir) / cfg.run_id / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert any("step_s" in r and "data_wait_s" in r for r in logged)
     saved = json.loads((Path(cfg.runs_dir) / cfg.run_id / "summary.json").read_text())
     assert saved["levers"] == levers
 

@@ -69,7 +69,7 @@ class RunConfig:
     train_sampling_strategy: str = (
         "group_by_length"  # similar lengths per batch: less padding; "random" for plain shuffling
     )
-    dataloader_prefetch_factor: int = 4  # batches each worker prepares ahead (with workers > 0)
+    dataloader_prefetch_factor: int = 2  # batches each worker prepares ahead (with workers > 0)
     bf16: bool | None = None  # None: on when the GPU supports it
     seed: int = 0
     logging_steps: int = 5

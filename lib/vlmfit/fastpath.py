@@ -126,7 +126,44 @@ def dataloader_workers(requested: int | None) -> int:
     if not torch.cuda.is_available():
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(0, min(8, (cores or 1) - 2))
+    return max(0, min(16, (cores or 1) - 2))  # the main process and the pin-memory thread
+
+
+class WorkerCollator:
+    """Wrap a collator for the DataLoader's workers.
+
+    - Floating pixel tensors leave the worker in the model's dtype. Exact: the vision
+      towers cast ``pixel_values`` to their dtype first thing; in bf16 it halves what
+      crosses shared memory, the pin-memory copy and PCIe (214 MB -> 107 MB for four
+      SmolVLM samples of 17 tiles).
+    - A worker process lowers its own CPU priority (``os.nice``) on its first batch: the
+      main process launches thousands of small CUDA kernels a step (LoRA, checkpointing)
+      and must never wait for a core while workers fill their prefetch queues.
+    """
+
+    def __init__(self, collator, dtype: torch.dtype, niceness: int = 10):
+        self.collator = collator
+        self.dtype = dtype
+        self.niceness = niceness
+        self.main_pid = os.getpid()
+        self.niced_pid = None
+
+    def __getattr__(self, name):  # the wrapped collator's attributes (TRL reads some)
+        if name == "collator":
+            raise AttributeError(name)
+        return getattr(self.collator, name)
+
+    def __call__(self, examples):
+        pid = os.getpid()
+        if pid != self.main_pid and self.niced_pid != pid and hasattr(os, "nice"):
+            os.nice(self.niceness)
+            self.niced_pid = pid
+        batch = self.collator(examples)
+        for key in ("pixel_values", "pixel_values_videos"):
+            value = batch.get(key)
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                batch[key] = value.to(self.dtype)
+        return batch
 
 
 def language_params(model, spec: ModelSpec) -> int:

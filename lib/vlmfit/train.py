@@ -318,13 +318,39 @@ def _metrics_callback(log: runs.MetricsLog):
     from transformers import TrainerCallback
 
     class MetricsToJsonl(TrainerCallback):
-        """Every log event (loss, lr, grad_norm, DPO rewards) + memory, one JSON line."""
+        """Every log event (loss, lr, grad_norm, DPO rewards) + memory, one JSON line.
+
+        ``step_s``: mean time from step begin to end since the last log (forward, backward,
+        optimizer); ``data_wait_s``: mean time between steps (waiting for the next batch,
+        logging): the share of time the GPU is starved.
+        """
+
+        def __init__(self):
+            self.end = None
+            self.steps: list[float] = []
+            self.waits: list[float] = []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.begin = time.perf_counter()
+            if self.end is not None:
+                self.waits.append(self.begin - self.end)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.end = time.perf_counter()
+            self.steps.append(self.end - self.begin)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs:
+                timing = {}
+                if self.steps:
+                    timing["step_s"] = sum(self.steps) / len(self.steps)
+                if self.waits:
+                    timing["data_wait_s"] = sum(self.waits) / len(self.waits)
+                self.steps, self.waits = [], []
                 log.write(
                     {"step": state.global_step, "epoch": state.epoch, "time": time.time()}
                     | {k: float(v) for k, v in logs.items() if isinstance(v, int | float)}
+                    | timing
                     | memory_now()
                 )
 
@@ -401,6 +427,7 @@ def build_trainer(
         kwargs["optimizers"] = (optimizer, None)
     # PEFT model + no ref_model: DPO's reference is the base with the adapter disabled.
     trainer = SFTTrainer(**kwargs) if cfg.method == "sft" else DPOTrainer(**kwargs)
+    trainer.data_collator = fastpath.WorkerCollator(trainer.data_collator, _dtype(cfg))
     if not progress:  # reports: the metrics log and the curves carry the numbers
         from transformers.trainer_callback import PrinterCallback
 
@@ -498,6 +525,8 @@ def run(cfg: RunConfig, origin: dict[str, str] | None = None, *, progress: bool 
         "peak_memory_gib": _peak_memory(log),
         "train_peak_memory_gib": train_peak,
         "tokens_per_s": tokens_per_s,
+        "tokens_per_sample": sum(train_ds["length"]) / max(len(train_ds), 1),
+        "data_wait_fraction": _wait_fraction(log),
         "mfu": fastpath.mfu(tokens_per_s, n_language, env["gpu"]) if tokens_per_s else None,
         "levers": fastpath.applied_levers(
             cfg,
@@ -523,6 +552,15 @@ def _tokens_per_s(log: runs.MetricsLog, train_s: float) -> float | None:
     if pts and train_s > 0:
         return pts[-1][1] / train_s
     return None
+
+
+def _wait_fraction(log: runs.MetricsLog) -> float | None:
+    """Share of the steady-state time spent between steps (first log dropped: warm-up)."""
+    pts = [(r["step_s"], r["data_wait_s"]) for r in log.read() if "data_wait_s" in r][1:]
+    if not pts:
+        return None
+    step, wait = (sum(x) for x in zip(*pts, strict=True))
+    return wait / (step + wait) if step + wait > 0 else None
 
 
 def _trainable(model) -> dict[str, int]:

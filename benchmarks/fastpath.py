@@ -1,0 +1,435 @@
+"""vlmfit's fast path against the plain recipe, on the same work, in one run (GPU).
+
+    python benchmarks/fastpath.py --suite smolvlm --out results/     # or qwen7b, qwen7b-qlora, all
+    UNSLOTH_PYTHON=/path/to/unsloth-env/bin/python python benchmarks/fastpath.py ...
+
+The work (as in ../shared/reference/architectures.md): one 1000x1000 photo-like image and
+a ~200-word answer per sample, full-size architectures with random weights, LoRA r16 on
+the language model's linears, bf16, gradient checkpointing, AdamW. Paths:
+
+- ``plain``: the textbook recipe in train mode (``enable_input_require_grads`` +
+  non-reentrant checkpointing, PEFT, ``model(**batch).loss``; QLoRA through
+  ``prepare_model_for_kbit_training``), a GPU loop over prebuilt batches;
+- ``vlmfit-loop``: ``train.build_model`` (every default lever) and TRL's fused LM head,
+  the same GPU loop on the same batches;
+- ``vlmfit``: ``train.run`` end to end, as ``make train`` runs it (preprocessed cache,
+  DataLoader workers, TRL's trainer);
+- ``plain-dpo`` / ``vlmfit-dpo``: TRL's DPOTrainer end to end, plain levers vs defaults;
+- ``unsloth``: rows say "not run" unless ``UNSLOTH_PYTHON`` names an environment with it.
+
+Each case runs in a fresh process (peak memory is the process's own). Prints one table
+(peak allocated / reserved GiB, tokens/s, samples/s, MFU, ratios) and writes
+``fastpath.json`` and ``fastpath.md`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "lib"))
+
+WORDS = [
+    "the",
+    "red",
+    "circle",
+    "sits",
+    "left",
+    "of",
+    "a",
+    "blue",
+    "square",
+    "while",
+    "two",
+    "green",
+    "triangles",
+    "point",
+    "up",
+    "toward",
+    "the",
+    "yellow",
+    "sky",
+]
+
+# Overrides that turn vlmfit's defaults back into the plain TRL recipe (end to end).
+PLAIN = {
+    "vision_no_grad": False,
+    "lora_dropout": 0.05,
+    "dataloader_num_workers": 0,
+    "train_sampling_strategy": "random",
+    "expandable_segments": False,
+}
+
+SUITES: dict[str, list[dict]] = {
+    "smolvlm": [
+        {"path": "plain", "model": "smolvlm", "finetune": "lora", "mb": 4},
+        {"path": "vlmfit-loop", "model": "smolvlm", "finetune": "lora", "mb": 4},
+        {"path": "vlmfit", "model": "smolvlm", "finetune": "lora", "mb": 4, "steps": 40},
+        {"path": "plain", "model": "smolvlm", "finetune": "qlora", "mb": 4},
+        {"path": "vlmfit", "model": "smolvlm", "finetune": "qlora", "mb": 4, "steps": 40},
+        {"path": "plain-dpo", "model": "smolvlm", "finetune": "lora", "mb": 2, "steps": 20},
+        {"path": "vlmfit-dpo", "model": "smolvlm", "finetune": "lora", "mb": 2, "steps": 20},
+    ],
+    "qwen7b": [
+        {"path": "plain", "model": "qwen2.5-vl-7b", "finetune": "lora", "mb": 1},
+        {"path": "vlmfit-loop", "model": "qwen2.5-vl-7b", "finetune": "lora", "mb": 1},
+        {"path": "vlmfit-loop", "model": "qwen2.5-vl-7b", "finetune": "lora", "mb": 4},
+        {"path": "vlmfit", "model": "qwen2.5-vl-7b", "finetune": "lora", "mb": 4, "steps": 14},
+        {"path": "plain-dpo", "model": "qwen2.5-vl-7b", "finetune": "lora", "mb": 1, "steps": 8},
+        {"path": "vlmfit-dpo", "model": "qwen2.5-vl-7b", "finetune": "lora", "mb": 1, "steps": 8},
+    ],
+    "qwen7b-qlora": [
+        {"path": "plain", "model": "qwen2.5-vl-7b", "finetune": "qlora", "mb": 1},
+        {"path": "vlmfit-loop", "model": "qwen2.5-vl-7b", "finetune": "qlora", "mb": 1},
+        {"path": "vlmfit", "model": "qwen2.5-vl-7b", "finetune": "qlora", "mb": 1, "steps": 14},
+        {"path": "vlmfit", "model": "qwen2.5-vl-7b", "finetune": "qlora", "mb": 4, "steps": 10},
+    ],
+}
+# Follow-ups of one session (what the first run left unmeasured)
+SUITES["qwen7b-rest"] = [
+    {"path": "vlmfit", "model": "qwen2.5-vl-7b", "finetune": "lora", "mb": 4, "steps": 12},
+    {"path": "vlmfit-dpo", "model": "qwen2.5-vl-7b", "finetune": "lora", "mb": 1, "steps": 8},
+    {"path": "plain", "model": "qwen2.5-vl-7b", "finetune": "qlora", "mb": 1},
+    {"path": "vlmfit", "model": "qwen2.5-vl-7b", "finetune": "qlora", "mb": 1, "steps": 10},
+]
+SUITES["smolvlm-rest"] = [
+    {"path": "vlmfit", "model": "smolvlm", "finetune": "lora", "mb": 4, "steps": 40},
+    {"path": "plain-dpo", "model": "smolvlm", "finetune": "lora", "mb": 2, "steps": 20},
+    {"path": "vlmfit-dpo", "model": "smolvlm", "finetune": "lora", "mb": 2, "steps": 20},
+    {"path": "vlmfit", "model": "smolvlm", "finetune": "qlora", "mb": 4, "steps": 40},
+]
+SUITES["final"] = [
+    {"path": "vlmfit", "model": "qwen2.5-vl-7b", "finetune": "lora", "mb": 4, "steps": 16},
+    {"path": "vlmfit", "model": "smolvlm", "finetune": "lora", "mb": 4, "steps": 40},
+    {"path": "vlmfit-dpo", "model": "smolvlm", "finetune": "lora", "mb": 2, "steps": 20},
+]
+SUITES["all"] = [c for k in ("smolvlm", "qwen7b", "qwen7b-qlora") for c in SUITES[k]]
+
+
+# ------------------------------------------------------------------------------ data
+
+
+def make_data(folder: Path, n: int, side: int = 1000, preference: bool = False) -> Path:
+    """``n`` samples of one ``side``-pixel photo-like JPEG and a long answer (LLaMA-Factory)."""
+    import numpy as np
+    from PIL import Image
+
+    name = "dpo.json" if preference else "train.json"
+    out = folder / name
+    if out.exists():
+        return out
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:side, 0:side] / side
+    recs = []
+    for i in range(n):
+        img = np.stack([x * 255, y * 255, (x + y) * 127], -1) + rng.normal(0, 20, (side, side, 3))
+        path = folder / "img" / f"{i}.jpg"
+        if not path.exists():
+            Image.fromarray(img.clip(0, 255).astype("uint8")).save(path, quality=90)
+        answer = " ".join(rng.choice(WORDS, 200))
+        user = {"role": "user", "content": "<image>Describe this picture in detail."}
+        if preference:
+            recs.append(
+                {
+                    "conversations": [{"from": "human", "value": user["content"]}],
+                    "chosen": {"from": "gpt", "value": answer},
+                    "rejected": {"from": "gpt", "value": " ".join(rng.choice(WORDS, 200))},
+                    "images": [f"img/{i}.jpg"],
+                }
+            )
+        else:
+            recs.append(
+                {
+                    "messages": [user, {"role": "assistant", "content": answer}],
+                    "images": [f"img/{i}.jpg"],
+                }
+            )
+    out.write_text(json.dumps(recs))
+    return out
+
+
+# ----------------------------------------------------------------------------- cases
+
+
+def _batch(cfg, processor, data: Path, mb: int):
+    """The first ``mb`` samples of vlmfit's prepared cache through TRL's VLM collator."""
+    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+    from vlmfit import train
+
+    folder = train.prepare_data(cfg, str(data), progress=False)
+    ds = train.load_prepared(folder, preference=False)
+    return DataCollatorForVisionLanguageModeling(processor)([ds[i] for i in range(mb)])
+
+
+def _plain_model(cfg):
+    """The textbook recipe: load, checkpointing + input grads, (kbit prep), PEFT LoRA r16."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from vlmfit.models import load_model
+
+    spec = cfg.spec
+    model, processor = load_model(
+        spec,
+        weights="random",
+        dtype=torch.bfloat16,
+        quantization="nf4" if cfg.finetune == "qlora" else "none",
+        device="cuda",
+    )
+    if cfg.finetune == "qlora":
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=True,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    lcfg = LoraConfig(r=16, lora_alpha=16, target_modules=spec.family.lora_target_regex)
+    return get_peft_model(model, lcfg), processor
+
+
+def gpu_loop(case: dict, data: Path, steps: int = 6, warmup: int = 2) -> dict:
+    import torch
+
+    from vlmfit import train
+    from vlmfit.config import resolve
+
+    cfg, _ = resolve(
+        {
+            "model": case["model"],
+            "weights": "random",
+            "finetune": case["finetune"],
+            "per_device_train_batch_size": case["mb"],
+            "lora_alpha": 16,
+        }
+    )
+    torch.cuda.reset_peak_memory_stats()
+    if case["path"] == "plain":
+        model, processor = _plain_model(cfg)
+        fused = False
+    else:
+        from trl.trainer.utils import add_fused_lm_head
+
+        from vlmfit import fastpath
+
+        fastpath.set_allocator(cfg.expandable_segments)
+        model, processor = train.build_model(cfg)
+        add_fused_lm_head(model.get_base_model())
+        fused = True
+    batch = _batch(cfg, processor, data, case["mb"])
+    batch = {
+        k: v.to("cuda", dtype=torch.bfloat16) if v.is_floating_point() else v.to("cuda")
+        for k, v in batch.items()
+    }
+    tokens = int(batch["attention_mask"].sum())
+    model.train()  # as Trainer does: from_pretrained models are in eval mode (no checkpointing)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    times = []
+    torch.cuda.reset_peak_memory_stats()
+    for i in range(warmup + steps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        loss = model(**batch, fused_lm_head=True).loss if fused else model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    step_s = sorted(times)[len(times) // 2]
+    return _row(case, cfg, model, tokens / step_s, case["mb"] / step_s, tokens / case["mb"])
+
+
+def end_to_end(case: dict, data: Path) -> dict:
+    import torch
+
+    from vlmfit import train
+    from vlmfit.config import resolve
+
+    dpo = case["path"].endswith("dpo")
+    over = {
+        "model": case["model"],
+        "weights": "random",
+        "finetune": case["finetune"],
+        "method": "dpo" if dpo else "sft",
+        "data": str(data),
+        "eval_data": None,
+        "run": f"bench-{case['path']}-{case['model']}-{case['finetune']}-mb{case['mb']}",
+        "runs_dir": str(data.parent / "runs"),
+        "per_device_train_batch_size": case["mb"],
+        "max_steps": case["steps"],
+        "logging_steps": 1,
+        "save_steps": 10_000,
+        "lora_alpha": 16,
+    }
+    if case["path"].startswith("plain"):
+        over |= PLAIN | ({"qlora_upcast": True} if case["finetune"] == "qlora" else {})
+    cfg, _ = resolve(over)
+    s = train.run(cfg, progress=False)
+    peak = s["train_peak_memory_gib"]
+    reserved = torch.cuda.max_memory_reserved() / 2**30
+    tps = s["tokens_per_s"]
+    per_sample = s.get("tokens_per_sample") or 0
+    row = _row(case, cfg, None, tps, None, per_sample, peak=peak, reserved=reserved)
+    row["mfu"] = s["mfu"]
+    row["data_wait_fraction"] = s["data_wait_fraction"]
+    row["levers"] = {k: v for k, v in s["levers"].items() if k != "vision_no_grad_modules"}
+    return row
+
+
+def _row(case, cfg, model, tps, sps, per_sample, peak=None, reserved=None) -> dict:
+    import torch
+
+    from vlmfit import fastpath
+
+    name = torch.cuda.get_device_name()
+    n_lang = fastpath.language_params(model, cfg.spec) if model is not None else None
+    return {
+        **case,
+        "peak_gib": peak if peak is not None else torch.cuda.max_memory_allocated() / 2**30,
+        "reserved_gib": reserved
+        if reserved is not None
+        else torch.cuda.max_memory_reserved() / 2**30,
+        "tokens_per_s": tps,
+        "samples_per_s": sps,
+        "tokens_per_sample": per_sample,
+        "mfu": fastpath.mfu(tps, n_lang, name) if n_lang else None,
+        "gpu": name,
+    }
+
+
+def run_case(case: dict, work: Path) -> dict:
+    data = make_data(
+        work / "data",
+        n=max(64, case["mb"] * (case.get("steps", 8) + 2)),
+        preference=case["path"].endswith("dpo"),
+    )
+    if case["path"] in ("plain", "vlmfit-loop"):
+        return gpu_loop(case, data)
+    return end_to_end(case, data)
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for p in ("torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "accelerate"):
+        try:
+            out[p] = md.version(p)
+        except md.PackageNotFoundError:
+            out[p] = None
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    head = "| model | method | path | mb | peak GiB | reserved GiB | tokens/s | samples/s | MFU | vs plain |"
+    lines = [head, "|" + "---|" * 10]
+    base = {}
+    for r in rows:
+        if r.get("path", "").startswith("plain") and "error" not in r:
+            base[(r["model"], r["finetune"], "dpo" in r["path"])] = r
+    for r in rows:
+        method = ("dpo " if "dpo" in r["path"] else "") + r["finetune"]
+        if "error" in r:
+            lines.append(
+                f"| {r['model']} | {method} | {r['path']} | {r['mb']} | {r['error']} |||||"
+            )
+            continue
+        b = base.get((r["model"], r["finetune"], "dpo" in r["path"]))
+        ratio = f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}x" if b else "-"
+        sps = f"{r['samples_per_s']:.2f}" if r.get("samples_per_s") else "-"
+        if not r.get("samples_per_s") and r.get("tokens_per_sample"):
+            sps = f"{r['tokens_per_s'] / r['tokens_per_sample']:.2f}"
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
+        lines.append(
+            f"| {r['model']} | {method} | {r['path']} | {r['mb']} | {r['peak_gib']:.2f} | "
+            f"{r['reserved_gib']:.2f} | {r['tokens_per_s']:,.0f} | {sps} | {mfu} | {ratio} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--suite", default="smolvlm", choices=sorted(SUITES))
+    ap.add_argument("--out", default="results/fastpath")
+    ap.add_argument("--work", default="/tmp/vlmfit-bench", help="data, caches and runs")
+    ap.add_argument("--case", help=argparse.SUPPRESS)  # one case, in a child process
+    a = ap.parse_args(argv)
+    work = Path(a.work)
+    if a.case:
+        case = json.loads(a.case)
+        try:
+            row = run_case(case, work)
+        except Exception as e:  # noqa: BLE001 - an OOM or a missing package is a row
+            import traceback
+
+            traceback.print_exc()
+            row = {**case, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
+        print("ROW " + json.dumps(row), flush=True)
+        return 0
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for case in SUITES[a.suite]:
+        t = time.time()
+        proc = subprocess.run(
+            [sys.executable, __file__, "--case", json.dumps(case), "--work", str(work)],
+            capture_output=True,
+            text=True,
+            env=os.environ | {"PYTHONUNBUFFERED": "1"},
+        )
+        found = [ln[4:] for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
+        row = (
+            json.loads(found[-1])
+            if found
+            else {**case, "error": (proc.stderr or "no output")[-300:]}
+        )
+        row["wall_s"] = round(time.time() - t, 1)
+        rows.append(row)
+        with open(out / "rows.jsonl", "a") as f:  # kept even when a later case is cut off
+            f.write(json.dumps(row) + "\n")
+        if "error" in row:
+            print(proc.stderr[-3000:], file=sys.stderr)
+        print(json.dumps(row), flush=True)
+    unsloth = os.environ.get("UNSLOTH_PYTHON")
+    for m in sorted({c["model"] for c in SUITES[a.suite]}):
+        if not unsloth:
+            rows.append(
+                {
+                    "model": m,
+                    "finetune": "lora",
+                    "path": "unsloth",
+                    "mb": "-",
+                    "error": "not run (set UNSLOTH_PYTHON)",
+                }
+            )
+    result = {
+        "suite": a.suite,
+        "versions": versions(),
+        "rows": rows,
+        "command": " ".join([sys.executable, *sys.argv]),
+    }
+    (out / f"fastpath-{a.suite}.json").write_text(json.dumps(result, indent=1))
+    md = table(rows)
+    (out / f"fastpath-{a.suite}.md").write_text(md + "\n")
+    print(json.dumps(result["versions"]))
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
