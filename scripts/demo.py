@@ -35,7 +35,14 @@ SFT = {
     "num_train_epochs": 30,
     "learning_rate": 2e-3,
     "per_device_train_batch_size": 32,
-    "extra": {"train_vision": False, "train_projector": True, "gradient_checkpointing": False},
+    # Shuffled batches: the default length-grouped ones put one question type in a batch
+    # here (each type has its own length), which cost 5 points (0.892 vs 0.942 held-out).
+    "extra": {
+        "train_vision": False,
+        "train_projector": True,
+        "gradient_checkpointing": False,
+        "train_sampling_strategy": "random",
+    },
 }
 # DPO: 3 passes at 5e-4 move held-out reward accuracy to ~0.88 and the margin ~20x further
 # than 1 pass at 1e-4 did (0.085 vs 0.004), ~40 s on 2 cores; exact match is not lowered.
