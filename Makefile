@@ -163,8 +163,13 @@ index: env ## Rebuild reports/index.html linking every report and run
 merge: env ## Merge RUN's LoRA adapter into its base model (runs/RUN/merged)
 	@$(PY) -m vlmfit train --merge $(SFT_RUN)
 
-bench: env ## Benchmarks: preprocessing images/s (CPU) and, on CUDA, memory/speed targets
+BENCH_SUITE ?= all#             benchmarks/fastpath.py suite: smolvlm | qwen7b | qwen7b-qlora | all
+
+bench: env ## Benchmarks: preprocessing images/s; on CUDA the fast-path table (docs/benchmarks.md) and GPU tests
 	$(PY) -m pytest -q -m "bench or gpu" -p no:cacheprovider tests --benchmarks
+	@if $(PY) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
+	  $(PY) benchmarks/fastpath.py --suite $(BENCH_SUITE) --out $(REPORTS)/bench; \
+	else echo "bench: no CUDA device, so no fast-path table (docs/benchmarks.md has the last one)"; fi
 
 lab: env ## JupyterLab on $(LAB_IP):$(LAB_PORT), token required; prints the URL with its token
 	@$(PY) -m vlmfit lab --ip $(LAB_IP) --port $(LAB_PORT)
