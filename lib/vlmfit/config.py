@@ -27,6 +27,10 @@ class RunConfig:
     method: Literal["sft", "dpo"] = "sft"
     data: str = "data/shapes/sft_train.json"  # any supported format (vlmfit.data.formats)
     eval_data: str | None = "data/shapes/sft_test.json"  # held-out split for generation eval
+    dataset_split: str = (
+        "train"  # split of DATA read for training (folders, DatasetDicts; a file is read whole)
+    )
+    eval_split: str = "test"  # split of EVAL_DATA / PREFERENCE_EVAL_DATA when they are folders
     preference_eval_data: str | None = None  # DPO: held-out pairs for reward accuracy / margins
     run: str | None = None  # run id: runs/<run>/ (default: <method>-<model>)
     runs_dir: str = "runs"

@@ -28,11 +28,14 @@ from vlmfit.records import Record
 # ----------------------------------------------------------------------------- data
 
 
-def load_training_records(path: str, *, preference: bool) -> list[Record]:
-    """Read any supported format, validate (fail listing every problem)."""
+def load_training_records(
+    path: str, *, preference: bool, split: str | None = "train", model: str | None = None
+) -> list[Record]:
+    """Read any supported format, validate (fail listing every problem; with ``model``,
+    images its processor refuses too)."""
     from vlmfit.data.validate import check_dataset
 
-    report = check_dataset(path, on_error="fail")
+    report = check_dataset(path, on_error="fail", split=split, model=model)
     records = report.records
     if preference and not all(r.is_preference for r in records):
         n = sum(not r.is_preference for r in records)
@@ -101,7 +104,9 @@ def prepared_folder(path: str | Path) -> Path | None:
     return None
 
 
-def prepare_data(cfg: RunConfig, data: str, *, progress: bool = True) -> Path:
+def prepare_data(
+    cfg: RunConfig, data: str, *, split: str | None = "train", progress: bool = True
+) -> Path:
     """The cache training reads for ``data``: itself when preprocessed, else ``preprocess``'s.
 
     Preprocessing validated every record and stored each image at its budgeted size, so
@@ -120,6 +125,7 @@ def prepare_data(cfg: RunConfig, data: str, *, progress: bool = True) -> Path:
             budget=Budget(max_image_tokens=cfg.max_image_tokens),
             max_length=cfg.max_length,
             overlength=cfg.overlength,
+            split=split,
             progress=progress,
         ).path
     if not cfg.processor_kwargs:
@@ -465,19 +471,25 @@ def run(cfg: RunConfig, origin: dict[str, str] | None = None, *, progress: bool 
     allocator = fastpath.set_allocator(cfg.expandable_segments)  # before the first allocation
     # Data first: bad data or DPO on non-preference data fails before the model loads.
     preference = cfg.method == "dpo"
-    train_folder = prepare_data(cfg, cfg.data, progress=progress)
+    train_folder = prepare_data(cfg, cfg.data, split=cfg.dataset_split, progress=progress)
     cfg.data = str(train_folder / "records.jsonl")
     train_ds = load_prepared(train_folder, preference=preference)
     runs.write_json(out / "config.json", {"config": cfg.to_dict(), "origin": origin or {}})
     env = runs.environment()
     runs.write_json(out / "environment.json", env)
     log = runs.MetricsLog(out / "metrics.jsonl")
-    eval_records = load_training_records(cfg.eval_data, preference=False) if cfg.eval_data else []
+    eval_records = (
+        load_training_records(
+            cfg.eval_data, preference=False, split=cfg.eval_split, model=cfg.model
+        )
+        if cfg.eval_data
+        else []
+    )
     if cfg.eval_limit:
         eval_records = eval_records[: cfg.eval_limit]
     eval_ds = None
     if preference and cfg.preference_eval_data:
-        pref = prepare_data(cfg, cfg.preference_eval_data, progress=progress)
+        pref = prepare_data(cfg, cfg.preference_eval_data, split=cfg.eval_split, progress=progress)
         eval_ds = load_prepared(pref, preference=True)
         if cfg.eval_limit:
             eval_ds = eval_ds.select(range(min(cfg.eval_limit, len(eval_ds))))
