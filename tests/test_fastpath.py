@@ -231,3 +231,25 @@ def test_auto_workers_and_mfu():
         6 * 7e9 * 1000 / 989e12
     )
     assert fastpath.mfu(1000.0, 7_000_000_000, "cpu") is None
+
+
+@pytest.mark.parametrize("vision_4bit", [True, False])
+def test_qlora_keeps_projector_and_lm_head_in_bf16(vision_4bit):
+    """transformers matches skip names from the start of a module's full name (or as a
+    suffix): bare "visual" / "connector" kept nothing out of 4-bit. Full paths do."""
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    from vlmfit import registry
+    from vlmfit.models import qlora_skip_modules
+
+    for name, vision, projector, language in [
+        ("qwen2.5-vl-7b", "model.visual.blocks.0.attn.qkv", "model.visual.merger.mlp.0",
+         "model.language_model.layers.3.mlp.up_proj"),
+        ("smolvlm", "model.vision_model.encoder.layers.0.mlp.fc1",
+         "model.connector.modality_projection.proj", "model.text_model.layers.3.self_attn.q_proj"),
+    ]:  # fmt: skip
+        skip = qlora_skip_modules(registry.get(name), vision_4bit=vision_4bit)
+        assert should_convert_module(language, skip)
+        assert not should_convert_module(projector, skip)
+        assert not should_convert_module("lm_head", skip)
+        assert should_convert_module(vision, skip) is vision_4bit

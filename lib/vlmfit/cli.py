@@ -6,6 +6,7 @@ Commands (``vlmfit COMMAND --help`` for each):
     check       validate a dataset, exit 1 listing every problem   (vlmfit.data.validate)
     data        generate the bundled shapes dataset                (vlmfit.data.synth)
     preprocess  validate + budget + cache a dataset                (vlmfit.preprocess)
+    estimate    predicted peak GPU memory of a training step       (vlmfit.memory)
     plan        predict peak memory and pick a config that fits    (vlmfit.memory)
     train       SFT / DPO / evaluate outside notebooks             (vlmfit.train)
     notebook    run a notebook with papermill and render HTML      (vlmfit.nbrun)
@@ -39,6 +40,7 @@ COMMANDS = {
     "tokens": ("vlmfit.budget", "cli_tokens"),
     "check": ("vlmfit.data.validate", "cli_check"),
     "data": ("vlmfit.data.synth", "main"),
+    "estimate": ("vlmfit.memory", "cli_estimate"),
     "plan": ("vlmfit.memory", "cli_plan"),
     "notebook": ("vlmfit.nbrun", "cli_notebook"),
     "train": ("vlmfit.cli", "cli_train"),

@@ -60,6 +60,7 @@ class RunConfig:
     gradient_checkpointing: bool = True  # True reduces activation memory, ~20-30% slower
     # Fast-path levers (vlmfit.fastpath; what each buys: docs/benchmarks.md)
     vision_no_grad: bool = True  # a frozen vision tower runs without autograd: no activations, no backward (exact; off when train_vision)
+    qlora_vision_4bit: bool = True  # QLoRA: the frozen vision tower in 4-bit too (-1 GiB on 7B, as Unsloth); False keeps it bf16
     qlora_upcast: bool = False  # True: PEFT's prepare_model_for_kbit_training (fp32 copies of unquantized modules, more memory)
     activation_offloading: bool = (
         False  # True: checkpointed activations to pinned CPU memory (less GPU memory, PCIe traffic)

@@ -146,15 +146,37 @@ CUDA_CONTEXT_GIB = 0.6
 #: Reserved / allocated: caching-allocator fragmentation (measured 34.1 / 29.5 at 2000 px).
 FRAGMENTATION = 0.10
 
-#: The measured textbook-QLoRA peaks (shared/reference: Qwen2.5-VL-7B 18.3 / 48.6 GiB at
-#: 448 / 1000 px, 35.8 GiB with the vision tower out of autograd; SmolVLM-256M 1.5 - 43.5
-#: GiB) sit far above the checkpointed model and 9-59 % BELOW the same model with every
-#: activation stored (no effective checkpointing, fp32). ``plan`` charges QLoRA candidates
-#: that no-checkpointing figure (conservative) and says so in the breakdown.
-QLORA_TEXTBOOK_NO_CHECKPOINTING = True
+#: TRL's fused LM head (``trl.kernels.chunked_logprob``): it projects [4096 tokens x
+#: 32768 vocabulary] tiles (bf16) and folds each into fp32 statistics; bytes per tile
+#: element: the bf16 tile and an fp32 working copy.
+FUSED_TILE_TOKENS, FUSED_TILE_VOCAB, FUSED_TILE_BYTES = 4096, 32768, 6.0
+
+#: A 4-bit vision tower's forward, bytes per patch per vision MLP width: calibrated on two
+#: H200 points (SmolVLM-256M mb 4 measured 1.2 GiB above the bf16-tower model; Qwen2.5-VL-7B
+#: mb 1 consistent); bitsandbytes' dequantize-and-matmul buffers are the suspected cause.
+QLORA_VISION_BYTES_I = 6.0  # calibrated
+#: QLoRA is the least validated estimate (docs/memory.md): ``plan`` adds this to its margin.
+QLORA_UNCERTAINTY = 0.10
+
+#: What ``estimate`` can predict: vlmfit's default path, or the textbook recipe.
+RECIPES = ("vlmfit", "plain")
 
 #: Relative speed of a step per token (1 = bf16 LoRA without checkpointing), for ranking.
-SPEED = {"gc": 0.75, "qlora": 0.7, "full": 0.9, "vision_no_grad": 1.0}
+SPEED = {"gc": 0.75, "qlora": 0.59, "full": 0.9}
+#: Tokens/s gained by micro-batch mb over mb 1: 1 + MB_GAIN x (1 - 1/mb). Measured on the
+#: fast path (H200, Qwen2.5-VL-7B LoRA: 3,017 -> 4,203 tokens/s from mb 1 to 4); QLoRA's
+#: 0.59 is 1,778 / 3,017 tokens/s at mb 1 (docs/benchmarks.md).
+MB_GAIN = 0.52
+
+
+def relative_speed(finetune: str, micro_batch: int, gradient_checkpointing: bool) -> float:
+    """Tokens/s relative to bf16 LoRA at micro-batch 1 without checkpointing (ranking only)."""
+    kind = SPEED.get(finetune, 1.0) if finetune != "lora" else 1.0
+    return (
+        kind
+        * (SPEED["gc"] if gradient_checkpointing else 1.0)
+        * (1 + MB_GAIN * (1 - 1 / micro_batch))
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,9 +409,13 @@ def estimate(
     dtype: str = "bf16",
     vision_no_grad: bool | None = None,
     optimizer: str = "adamw",
-    lora_dropout: bool = True,
-    kbit_upcast: bool = True,
+    lora_dropout: bool | None = None,
+    kbit_upcast: bool | None = None,
     images: int = 1,
+    recipe: str = "vlmfit",
+    fused_lm_head: bool | None = None,
+    dpo: bool = False,
+    qlora_vision_4bit: bool = True,
 ) -> Estimate:
     """Predict the peak memory of one training step (GiB), with its breakdown.
 
@@ -398,11 +424,24 @@ def estimate(
     ``prepare_model_for_kbit_training`` does), "full" (language model + projector train;
     vision frozen) or "projector". ``visual_tokens`` overrides the count derived from
     ``image_size`` and ``budget`` (``vlmfit.budget.image_tokens``); ``images`` per sample.
-    ``vision_no_grad``: True: the frozen vision tower runs without autograd (stores nothing
-    for backward); False: autograd tracks it (``enable_input_require_grads``); None: as
-    ``vlmfit.train.build_model`` does, i.e. tracked only for bf16 LoRA with gradient
-    checkpointing (the one path that calls ``enable_input_require_grads``).
+    ``recipe``: "vlmfit" predicts vlmfit's default path (``vlmfit.fastpath``: the frozen
+    vision tower without autograd, LoRA dropout 0, 4-bit without fp32 upcasts, the loss
+    through TRL's chunked fused LM head); "plain" the textbook recipe in train mode
+    (``enable_input_require_grads`` tracks the frozen tower, logits materialized,
+    ``prepare_model_for_kbit_training`` upcasts). Each of ``vision_no_grad``,
+    ``lora_dropout``, ``kbit_upcast`` and ``fused_lm_head`` overrides its recipe default.
+    ``dpo``: TRL's DPOTrainer runs chosen and rejected as one batch of 2 x ``micro_batch``
+    (the reference forward, without autograd, adds no stored activations).
     """
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+    fast = recipe == "vlmfit"
+    if lora_dropout is None:
+        lora_dropout = not fast
+    if kbit_upcast is None:
+        kbit_upcast = not fast
+    if fused_lm_head is None:  # TRL's DPOTrainer always scores through its fused head
+        fused_lm_head = fast or dpo
     spec = _spec(spec_or_name)
     if finetune not in ("lora", "qlora", "full", "projector"):
         raise ValueError(f"finetune must be lora, qlora, full or projector, got {finetune!r}")
@@ -414,8 +453,8 @@ def estimate(
         raise ValueError("micro_batch >= 1, text_tokens >= 0 and lora_r >= 1 required")
     a = arch(spec)
     notes: list[str] = []
-    if vision_no_grad is None:
-        vision_no_grad = not (finetune == "lora" and gradient_checkpointing)
+    if vision_no_grad is None:  # the plain recipe's input-grad hook tracks the tower
+        vision_no_grad = fast or not (finetune in ("lora", "qlora") and gradient_checkpointing)
 
     # -- tokens
     if visual_tokens is None:
@@ -430,8 +469,9 @@ def estimate(
         span = vt + (2 * images if spec.is_qwen else 3 * images) if vt else 0
     seq = span + text_tokens
     patches = vt * a.patches_per_token
-    tokens = micro_batch * seq
-    pt = micro_batch * patches
+    rows = micro_batch * (2 if dpo else 1)  # DPO: chosen + rejected in one forward
+    tokens = rows * seq
+    pt = rows * patches
 
     # -- parameters and their bytes
     wb = DTYPE_BYTES[dtype]
@@ -445,8 +485,9 @@ def estimate(
                 "qlora: prepare_model_for_kbit_training upcasts every non-4-bit weight "
                 "(embeddings, lm_head, vision tower, norms) to fp32"
             )
-        lin = a.lm_linear_params * NF4_BYTES_PER_PARAM
-        rest = (a.total_params - a.lm_linear_params) * frozen_bytes
+        four_bit = a.lm_linear_params + (a.vision_params if qlora_vision_4bit else 0)
+        lin = four_bit * NF4_BYTES_PER_PARAM
+        rest = (a.total_params - four_bit) * frozen_bytes
         weights = (lin + rest) / GIB
     else:
         weights = a.total_params * wb / GIB
@@ -492,8 +533,15 @@ def estimate(
     else:  # projector only: nothing in the language model needs saving but its inputs
         lm_stored, recompute = 0.0, 0.0
     embeds = 2 * 2 * h * act  # inputs_embeds + final hidden states
-    logits_pt = a.vocab * (LOGITS_BYTES_PER_VOCAB_FP32 if fp32_stream else LOGITS_BYTES_PER_VOCAB)
-    logits_kept = a.vocab * 4.0  # log-probabilities saved for backward, during layer backward
+    if fused_lm_head:  # one [4096 tokens x 32768 vocab] tile at a time, never the logits
+        tile = min(tokens, FUSED_TILE_TOKENS) * min(a.vocab, FUSED_TILE_VOCAB) * FUSED_TILE_BYTES
+        logits_pt = tile / max(tokens, 1)
+        logits_kept = logits_pt + h * 4.0  # + the fp32 gradient of the hidden states
+    else:
+        logits_pt = a.vocab * (
+            LOGITS_BYTES_PER_VOCAB_FP32 if fp32_stream else LOGITS_BYTES_PER_VOCAB
+        )
+        logits_kept = a.vocab * 4.0  # log-probabilities saved for backward
 
     vgated = VISION_LAYER_I_GATED if a.vision_gated else VISION_LAYER_I_PLAIN
     vlayer = (VISION_LAYER_H * a.vision_hidden + vgated * a.vision_intermediate) * act
@@ -515,9 +563,16 @@ def estimate(
         "backward": {"activations (vision)": vis_gib,
                      "activations (LM)": lm_gib + tokens * recompute / GIB,
                      "logits + loss": tokens * logits_kept / GIB},
-        "vision": {"activations (vision)": vis_gib + pt * vlayer * (1 if vision_no_grad else 2) / GIB,
+        "vision": {"activations (vision)": vis_gib + pt * (vlayer * (1 if vision_no_grad else 2)
+                   + (QLORA_VISION_BYTES_I * a.vision_intermediate if qlora and qlora_vision_4bit else 0)) / GIB,
                    "activations (LM)": 0.0, "logits + loss": 0.0},
     }  # fmt: skip
+    if dpo:  # the reference forward (no autograd) runs while the policy's activations are kept
+        phases["reference"] = {
+            "activations (vision)": phases["vision"]["activations (vision)"],
+            "activations (LM)": lm_gib,
+            "logits + loss": tokens * logits_pt / GIB,
+        }
     phase = max(phases, key=lambda k: sum(phases[k].values()))
     breakdown = {
         "weights": weights,
@@ -527,11 +582,8 @@ def estimate(
         **phases[phase],
         "overhead": ALLOC_OVERHEAD_GIB,
     }
-    if qlora:
-        notes.append(
-            "qlora: measured textbook-QLoRA peaks are 1.3-3.9x this figure (shared/reference); "
-            "plan() charges QLoRA as if no activation were checkpointed"
-        )
+    if fused_lm_head:
+        notes.append("loss through TRL's chunked fused LM head: the logits are never stored")
     return Estimate(
         model=spec.name,
         finetune=finetune,
@@ -576,19 +628,30 @@ class Candidate:
     estimate: Estimate
     required_gib: float
     gpu_gib: float
-    score: float  # throughput proxy: tokens per step x relative speed
+    score: float  # relative tokens/s (``relative_speed``), for ranking
+    effective_batch: int = 16  # samples per optimizer step: micro-batch x accumulation
 
     @property
     def headroom_gib(self) -> float:
         return self.gpu_gib - self.required_gib
 
+    @property
+    def accumulation(self) -> int:
+        return max(1, math.ceil(self.effective_batch / self.micro_batch))
+
     def make_args(self) -> str:
-        """The same configuration as ``make sft`` variables."""
-        params = [f"per_device_train_batch_size={self.micro_batch}"]
+        """The configuration as ``make train`` variables (PARAMS: RunConfig field names)."""
+        params = [
+            f"per_device_train_batch_size={self.micro_batch}",
+            f"gradient_accumulation_steps={self.accumulation}",
+        ]
         if not self.gradient_checkpointing:
             params.append("gradient_checkpointing=False")
-        mit = self.max_image_tokens if self.max_image_tokens else "none"
+        mit = self.max_image_tokens or 0  # 0: the processor's default
         return f"FINETUNE={self.finetune} MAX_IMAGE_TOKENS={mit} PARAMS='{' '.join(params)}'"
+
+    def make_command(self) -> str:
+        return f"make train MODEL={self.estimate.model} {self.make_args()}"
 
     def row(self) -> dict[str, Any]:
         e = self.estimate
@@ -604,7 +667,7 @@ class Candidate:
             "required_gib": round(self.required_gib, 2),
             "headroom_gib": round(self.headroom_gib, 2),
             "score": round(self.score),
-            "make": self.make_args(),
+            "make": self.make_command(),
         }
 
 
@@ -613,10 +676,47 @@ class PlanResult(list):
 
     reason: str = ""
     smallest: Candidate | None = None  # the least demanding configuration tried (fits or not)
+    advice: list[str] = []  # what would fit when nothing does
+
+
+def advice(
+    spec: ModelSpec,
+    gpu_gib: float,
+    result: PlanResult,
+    *,
+    text_tokens: int,
+    image_size: tuple[int, int] | None,
+) -> list[str]:
+    """What would fit when nothing does: QLoRA, a smaller model, more GPUs."""
+    tips: list[str] = []
+    s = result.smallest
+    if s is not None and s.finetune != "qlora":
+        tips.append("finetune=qlora (4-bit weights) was not searched: FINETUNE=qlora")
+    smaller = []
+    for name in registry.names(include_tiny=False):
+        other = registry.get(name)
+        if other.params_b >= spec.params_b:
+            continue
+        fits = plan(other, gpu_gib, text_tokens=text_tokens, image_size=image_size,
+                    micro_batches=(1,), checkpointing=(True,))  # fmt: skip
+        if fits:
+            smaller.append(f"MODEL={name} ({fits[0].make_args()})")
+    if smaller:
+        tips.append("a smaller model: " + ", ".join(smaller[:3]))
+    if s is not None:  # sharded weights, gradients and optimizer states (FSDP2 / ZeRO-3)
+        e = s.estimate
+        states = e.breakdown["weights"] + e.breakdown["gradients"] + e.breakdown["optimizer states"]
+        rest = s.required_gib - states * (1 + 0.1) - CUDA_CONTEXT_GIB
+        for n in (2, 4, 8):
+            if states / n * 1.1 + rest + CUDA_CONTEXT_GIB <= gpu_gib:
+                tips.append(f"{n} GPUs sharding weights and optimizer states (FSDP2 / ZeRO-3)")
+                break
+    return tips
 
 
 def _required(e: Estimate, margin: float) -> float:
-    return e.peak_gib * (1 + margin) + CUDA_CONTEXT_GIB
+    extra = QLORA_UNCERTAINTY if e.finetune == "qlora" else 0.0
+    return e.peak_gib * (1 + margin + extra) + CUDA_CONTEXT_GIB
 
 
 def plan(
@@ -632,16 +732,16 @@ def plan(
     vision_no_grad: bool | None = None,
     margin: float = 0.10,
     lora_r: int = 16,
+    effective_batch: int = 16,
 ) -> PlanResult:
     """Configurations that fit ``gpu_gib`` GiB with ``margin`` to spare, best first.
 
     Searches finetune (lora and qlora unless given) x micro-batch x visual-token budget x
     gradient checkpointing. A candidate fits when ``peak * (1 + margin) + CUDA context <=
-    gpu_gib``. Ranked by a throughput proxy: tokens per step x relative speed (checkpointing
-    ~0.75, QLoRA ~0.7), so bf16 LoRA wins over QLoRA whenever both fit and the image keeps
-    its resolution unless a budget is needed. QLoRA candidates are checked with the measured
-    textbook-QLoRA peaks in mind: charged as if no activation were checkpointed
-    (``QLORA_TEXTBOOK_NO_CHECKPOINTING``).
+    gpu_gib``. Ranked by image resolution first (the largest visual-token budget that fits),
+    then by relative tokens/s (``relative_speed``: measured micro-batch gain, checkpointing
+    ~0.75, QLoRA ~0.59), so bf16 LoRA wins over QLoRA whenever both fit. Estimates are of
+    vlmfit's default path (``estimate(recipe="vlmfit")``), the one ``make train`` runs.
     """
     spec = _spec(spec_or_name)
     kinds = (finetune,) if finetune else ("lora", "qlora")
@@ -673,17 +773,6 @@ def plan(
                     if key in seen:  # a budget above the image's cost changes nothing
                         continue
                     seen.add(key)
-                    if ft == "qlora" and gc_on and QLORA_TEXTBOOK_NO_CHECKPOINTING:
-                        stored = estimate(
-                            spec, finetune=ft, lora_r=lora_r, micro_batch=mb,
-                            text_tokens=text_tokens, image_size=image_size, budget=budget,
-                            gradient_checkpointing=False, vision_no_grad=vision_no_grad,
-                        )  # fmt: skip
-                        extra = max(0.0, stored.peak_gib - e.peak_gib)
-                        e.breakdown["textbook-QLoRA excess"] = extra
-                    speed = (SPEED["gc"] if gc_on else 1.0) * (
-                        SPEED["qlora"] if ft == "qlora" else SPEED["full"] if ft == "full" else 1.0
-                    )
                     c = Candidate(
                         finetune=ft,
                         micro_batch=mb,
@@ -693,16 +782,17 @@ def plan(
                         estimate=e,
                         required_gib=_required(e, margin),
                         gpu_gib=gpu_gib,
-                        score=e.tokens_per_step * speed,
+                        score=relative_speed(ft, mb, gc_on),
+                        effective_batch=effective_batch,
                     )
                     tried.append(c)
                     if c.required_gib <= gpu_gib:
                         out.append(c)
-    # Best first: throughput proxy; ties: more visual tokens, bf16 before qlora, less memory.
+    # Best first: the image at the highest resolution that fits, then the fastest.
     out.sort(
         key=lambda c: (
-            -c.score,
             -c.estimate.visual_tokens,
+            -c.score,
             c.finetune == "qlora",
             c.required_gib,
         )
@@ -721,6 +811,9 @@ def plan(
             if s
             else f"nothing fits {gpu_gib:g} GiB: no configuration could be built"
         )
+        out.advice = advice(spec, gpu_gib, out, text_tokens=text_tokens, image_size=image_size)
+        if out.advice:
+            out.reason += ". What would fit: " + "; ".join(out.advice)
     return out
 
 
@@ -952,8 +1045,10 @@ def profile_steps(
             visual_tokens=visual,
             gradient_checkpointing=cfg.gradient_checkpointing,
             dtype=est_dtype,
-            vision_no_grad=True if vision_no_grad else None,
+            vision_no_grad=bool(vision_no_grad),
             lora_dropout=cfg.lora_dropout > 0,
+            kbit_upcast=cfg.qlora_upcast,
+            fused_lm_head=False,  # this loop calls model(**batch).loss
         ).peak_gib
     except Exception:  # noqa: BLE001 - an estimate is a bonus here, never a failure
         est = float("nan")
@@ -1171,6 +1266,51 @@ def local_gpu_gib() -> float | None:
     return torch.cuda.get_device_properties(0).total_memory / GIB
 
 
+def cli_estimate(argv: list[str]) -> int:
+    """``python -m vlmfit estimate --model M ...``: predicted peak GiB and its breakdown.
+
+    Exit 0; 2 on a usage error. ``--json``: one object with ``peak_gib`` and ``breakdown``.
+    """
+    p = _Parser(
+        prog="vlmfit estimate", description="Predict the peak GPU memory of a training step."
+    )
+    p.add_argument("--model", required=True, help="registry name (vlmfit tokens --help lists them)")
+    p.add_argument("--method", choices=["lora", "qlora", "full", "projector"], default="lora",
+                   help="what trains (FINETUNE)")  # fmt: skip
+    p.add_argument("--image", default="1000x1000", help="image size WxH, one per sample")
+    p.add_argument("--text-tokens", type=int, default=256, help="text tokens per sample")
+    p.add_argument("--batch", type=int, default=1, help="micro-batch (per_device_train_batch_size)")
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--max-image-tokens", type=int, default=None, help="visual-token budget")
+    p.add_argument("--no-grad-ckpt", action="store_true", help="without gradient checkpointing")
+    p.add_argument("--recipe", choices=list(RECIPES), default="vlmfit",
+                   help="vlmfit's default path (default) or the textbook recipe in train mode")  # fmt: skip
+    p.add_argument("--dpo", action="store_true", help="DPO (chosen + rejected per sample)")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    try:
+        a = p.parse_args(argv)
+        e = estimate(
+            registry.get(a.model),
+            finetune=a.method,
+            lora_r=a.lora_r,
+            micro_batch=a.batch,
+            text_tokens=a.text_tokens,
+            image_size=_parse_size(a.image),
+            budget=Budget(max_image_tokens=a.max_image_tokens) if a.max_image_tokens else None,
+            gradient_checkpointing=not a.no_grad_ckpt,
+            recipe=a.recipe,
+            dpo=a.dpo,
+        )
+    except (_UsageError, registry.UnknownModelError, ValueError) as err:
+        print(f"vlmfit estimate: error: {err}", file=sys.stderr)
+        return 2
+    if a.json:
+        print(json.dumps({**e.as_dict(), "recipe": a.recipe, "dpo": a.dpo}))
+    else:
+        print(e.table())
+    return 0
+
+
 def cli_plan(argv: list[str]) -> int:
     """``python -m vlmfit plan --model M [--gpu-gib G] ...``: estimate + fitting configs.
 
@@ -1190,6 +1330,8 @@ def cli_plan(argv: list[str]) -> int:
     p.add_argument("--vision-no-grad", action="store_true",
                    help="assume the frozen vision tower runs without autograd")  # fmt: skip
     p.add_argument("--margin", type=float, default=0.10, help="safety margin (fraction)")
+    p.add_argument("--effective-batch", type=int, default=16,
+                   help="samples per optimizer step: micro-batch x accumulation")  # fmt: skip
     p.add_argument("--top", type=int, default=10, help="candidates to list")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     try:
@@ -1225,6 +1367,7 @@ def cli_plan(argv: list[str]) -> int:
         vision_no_grad=True if a.vision_no_grad else None,
         margin=a.margin,
         lora_r=a.lora_r,
+        effective_batch=a.effective_batch,
     )
     if a.json:
         print(

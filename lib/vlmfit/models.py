@@ -40,8 +40,15 @@ def resolve_source(
     return path, None
 
 
-def quantization_config(kind: str, compute_dtype: torch.dtype):
-    """bitsandbytes 4-bit NF4 with double quantization (QLoRA), or None."""
+def quantization_config(
+    kind: str, compute_dtype: torch.dtype, skip_modules: list[str] | tuple[str, ...] = ()
+):
+    """bitsandbytes 4-bit NF4 with double quantization (QLoRA), or None.
+
+    ``skip_modules``: full module names kept out of 4-bit. transformers matches each from the
+    start of a module's full name or as its suffix, so a bare ``"visual"`` would match
+    nothing inside ``model.visual``: pass full paths (``qlora_skip_modules``).
+    """
     if kind in ("", "none", None):
         return None
     if kind != "nf4":
@@ -51,9 +58,18 @@ def quantization_config(kind: str, compute_dtype: torch.dtype):
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype,
-        # Keep the vision tower and projector out of 4-bit: small, and precision-sensitive.
-        llm_int8_skip_modules=["vision_model", "visual", "connector", "merger", "lm_head"],
+        llm_int8_skip_modules=list(skip_modules) or None,
     )
+
+
+def qlora_skip_modules(spec: ModelSpec, *, vision_4bit: bool) -> list[str]:
+    """What stays bf16 under QLoRA: the projector and lm_head always (small, precision-
+    sensitive, often trained), the frozen vision tower unless ``vision_4bit``."""
+    fam = spec.family
+    keep = [*fam.projector_modules, "lm_head"]
+    if not vision_4bit:
+        keep += list(fam.vision_modules)
+    return keep
 
 
 def load_model(
@@ -67,6 +83,7 @@ def load_model(
     path: str | Path | None = None,
     processor_kwargs: dict[str, Any] | None = None,
     revision: str | None = None,
+    vision_4bit: bool = True,
 ):
     """Load (or build) the model and its processor (``processor_kwargs``: image settings)."""
     source, revision = (path, None) if path else resolve_source(spec, weights, revision)
@@ -76,7 +93,9 @@ def load_model(
     kwargs: dict[str, Any] = {"dtype": dtype}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    qcfg = quantization_config(quantization, dtype)
+    qcfg = quantization_config(
+        quantization, dtype, qlora_skip_modules(spec, vision_4bit=vision_4bit)
+    )
     if weights == "random" and not spec.tiny and not path and qcfg is not None:
         # Quantize exactly as a real load does: random weights saved once, reloaded in 4-bit.
         source = save_random(spec, dtype=dtype)

@@ -14,6 +14,7 @@ generation, and run folders that resume.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 
-from vlmfit import fastpath, runs
+from vlmfit import distributed, fastpath, runs
 from vlmfit.config import ConfigError, RunConfig, resolve, validate
 from vlmfit.records import Record
 
@@ -171,7 +172,7 @@ def load_prepared(folder: Path, *, preference: bool):
 
 
 def _device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return distributed.device()  # cuda:LOCAL_RANK under a launcher
 
 
 def _dtype(cfg: RunConfig) -> torch.dtype:
@@ -247,6 +248,7 @@ def build_model(cfg: RunConfig):
         path=full_init,
         processor_kwargs=cfg.processor_kwargs,
         revision=cfg.revision,
+        vision_4bit=cfg.qlora_vision_4bit,
     )
     if adapter_init is not None and quant == "none":
         # Fold the SFT adapter into the weights: DPO's reference (adapter disabled) is then
@@ -346,7 +348,7 @@ def _metrics_callback(log: runs.MetricsLog):
             self.steps.append(self.end - self.begin)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs:
+            if logs and state.is_world_process_zero:  # one writer under several processes
                 timing = {}
                 if self.steps:
                     timing["step_s"] = sum(self.steps) / len(self.steps)
@@ -373,6 +375,9 @@ def training_args(cfg: RunConfig, out: Path, n_train: int, progress: bool = True
     from vlmfit.fastpath import dataloader_workers
 
     workers = dataloader_workers(cfg.dataloader_num_workers)
+    if cfg.dataloader_num_workers is None and distributed.is_distributed():
+        # auto counts this machine's cores: its processes share them
+        workers //= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     common: dict[str, Any] = dict(
         output_dir=str(out / "checkpoints"),
         learning_rate=cfg.learning_rate,
@@ -465,18 +470,23 @@ def run(cfg: RunConfig, origin: dict[str, str] | None = None, *, progress: bool 
 
         hf_logging.disable_progress_bar()  # "Writing model shards" bars at every checkpoint
     out = runs.run_dir(cfg.runs_dir, cfg.run_id)
-    if out.exists() and not cfg.resume:
-        shutil.rmtree(out)  # a fresh run of the same id replaces the old one
-    out.mkdir(parents=True, exist_ok=True)
+    main = distributed.is_main()  # every rank trains; rank 0 alone writes the run folder
+    if main:
+        if out.exists() and not cfg.resume:
+            shutil.rmtree(out)  # a fresh run of the same id replaces the old one
+        out.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
     allocator = fastpath.set_allocator(cfg.expandable_segments)  # before the first allocation
     # Data first: bad data or DPO on non-preference data fails before the model loads.
     preference = cfg.method == "dpo"
-    train_folder = prepare_data(cfg, cfg.data, split=cfg.dataset_split, progress=progress)
+    with distributed.main_process_first():  # rank 0 preprocesses; the others hit its cache
+        train_folder = prepare_data(cfg, cfg.data, split=cfg.dataset_split, progress=progress)
     cfg.data = str(train_folder / "records.jsonl")
     train_ds = load_prepared(train_folder, preference=preference)
-    runs.write_json(out / "config.json", {"config": cfg.to_dict(), "origin": origin or {}})
     env = runs.environment()
-    runs.write_json(out / "environment.json", env)
+    if main:
+        runs.write_json(out / "config.json", {"config": cfg.to_dict(), "origin": origin or {}})
+        runs.write_json(out / "environment.json", env)
     log = runs.MetricsLog(out / "metrics.jsonl")
     eval_records = (
         load_training_records(
@@ -489,7 +499,10 @@ def run(cfg: RunConfig, origin: dict[str, str] | None = None, *, progress: bool 
         eval_records = eval_records[: cfg.eval_limit]
     eval_ds = None
     if preference and cfg.preference_eval_data:
-        pref = prepare_data(cfg, cfg.preference_eval_data, split=cfg.eval_split, progress=progress)
+        with distributed.main_process_first():
+            pref = prepare_data(
+                cfg, cfg.preference_eval_data, split=cfg.eval_split, progress=progress
+            )
         eval_ds = load_prepared(pref, preference=True)
         if cfg.eval_limit:
             eval_ds = eval_ds.select(range(min(cfg.eval_limit, len(eval_ds))))
@@ -501,9 +514,21 @@ def run(cfg: RunConfig, origin: dict[str, str] | None = None, *, progress: bool 
     model, processor = build_model(cfg)
     load_s = time.time() - t0
     trainable = _trainable(model)
+    n_language = fastpath.language_params(model, cfg.spec)  # before FSDP / ZeRO-3 shard it
 
-    before = ev.evaluate_generation(model, processor, eval_records, cfg, progress=progress)
+    def evaluate(m):  # by generation, on rank 0 only (the other ranks wait)
+        return distributed.on_main(
+            lambda: ev.evaluate_generation(m, processor, eval_records, cfg, progress=progress),
+            default={"metrics": {}, "samples": []},
+        )
+
+    before = evaluate(model)  # before the Trainer wraps it: a full replica on every rank
     trainer = build_trainer(cfg, model, processor, train_ds, eval_ds, out, log, progress)
+    if distributed.is_distributed():
+        (out / "ranks").mkdir(exist_ok=True)
+        trainer.data_collator = distributed.SampleLog(
+            trainer.data_collator, out / "ranks" / f"rank-{distributed.rank()}.jsonl"
+        )
     resume_from = None
     if cfg.resume:
         ck = runs.last_checkpoint(out)
@@ -515,9 +540,21 @@ def run(cfg: RunConfig, origin: dict[str, str] | None = None, *, progress: bool 
     train_s = time.time() - t1
     train_peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     tokens_per_s = _tokens_per_s(log, train_s)
-    n_language = fastpath.language_params(model, cfg.spec)
-    save_model(trainer.model, processor, out)
-    after = ev.evaluate_generation(trainer.model, processor, eval_records, cfg, progress=progress)
+    engine = distributed.engine(trainer)
+    if engine == "none":
+        save_model(trainer.model, processor, out)
+    else:
+        distributed.save_model(trainer, out)  # gathered if sharded; rank 0 writes
+    eval_note = None
+    if engine in ("fsdp", "deepspeed") and eval_records:
+        # Generation on sharded weights would need every rank in each forward: skipped.
+        eval_note = (
+            f"evaluation after training skipped under {engine} (sharded weights); evaluate "
+            f"the saved model in one process: make sft RESUME=1 ... or vlmfit.evaluate"
+        )
+        after = {"metrics": {}, "samples": []}
+    else:
+        after = evaluate(trainer.model)  # DDP: trainer.model is rank 0's unwrapped replica
     dpo_eval = trainer.evaluate() if eval_ds is not None else {}
 
     summary = {
@@ -551,8 +588,14 @@ def run(cfg: RunConfig, origin: dict[str, str] | None = None, *, progress: bool 
         "eval_after": after["metrics"],
         "dpo_eval": {k: float(v) for k, v in dpo_eval.items() if isinstance(v, int | float)},
     }
-    runs.write_json(out / "eval.json", {"before": before, "after": after})
-    runs.write_json(out / "summary.json", summary)
+    if distributed.is_distributed():
+        summary |= {"processes": distributed.world_size(), "engine": engine}
+        if eval_note:
+            summary["eval_note"] = eval_note
+    if main:
+        runs.write_json(out / "eval.json", {"before": before, "after": after})
+        runs.write_json(out / "summary.json", summary)
+    distributed.barrier()  # no rank exits (ending the launch) before the files exist
     return summary
 
 
@@ -627,7 +670,8 @@ def cli_train(argv: list[str]) -> int:
         print(f"vlmfit train: configuration error: {e}")
         return 2
     summary = run(cfg, origin)
-    print({k: summary[k] for k in ("run", "global_step", "eval_before", "eval_after")})
+    if distributed.is_main():
+        print({k: summary[k] for k in ("run", "global_step", "eval_before", "eval_after")})
     return 0
 
 
