@@ -332,3 +332,84 @@ def test_plan_says_what_would_fit_when_nothing_does():
     assert "What would fit" in res.reason and "smaller model" in res.reason
     huge = memory.plan("qwen2.5-vl-7b", 16, finetune="full", text_tokens=256)
     assert not huge and "GPUs" in huge.reason
+
+
+# ------------------------------------------- refuse before loading, explain OOM, growth
+
+
+def test_training_refuses_before_loading_what_will_not_fit_and_says_what_would():
+    cfg = RunConfig(model="qwen2.5-vl-7b", weights="random", per_device_train_batch_size=8)
+    with pytest.raises(memory.WontFitError) as err:
+        memory.check_fits(cfg, 1717, 1296, gpu_gib=24)
+    msg = str(err.value)
+    assert "predicted peak" in msg and "> 24.0 GiB" in msg
+    assert "make train MODEL=qwen2.5-vl-7b" in msg and "memory_check=False" in msg
+    ok = memory.check_fits(
+        RunConfig(model="qwen2.5-vl-7b", weights="random", per_device_train_batch_size=1),
+        1717,
+        1296,
+        gpu_gib=24,
+    )
+    assert ok is not None and ok.peak_gib < 24
+    if not torch.cuda.is_available():  # no GPU and no --gpu-gib: nothing to check against
+        assert memory.check_fits(cfg, 1717, 1296) is None
+
+
+def test_worst_sample_reads_the_preprocessing_stats(tmp_path):
+    (tmp_path / "stats.json").write_text(
+        json.dumps(
+            {
+                "sample_stats": [
+                    {"status": "kept", "total_after": 300, "visual_after": 256},
+                    {"status": "dropped", "total_after": 9000, "visual_after": 8000},
+                    {"status": "shrunk", "total_after": 500, "visual_after": 400},
+                ]
+            }
+        )
+    )
+    assert memory.worst_sample(tmp_path) == (500, 400)
+
+
+def _series(n, alloc, reserved):
+    return [
+        {"step": s, "mem_allocated_gib": alloc(s), "mem_reserved_gib": reserved(s)}
+        for s in range(1, n + 1)
+    ]
+
+
+def test_growth_tells_a_leak_from_fragmentation_from_steady():
+    steady = memory.growth(_series(200, lambda s: 17.0 + 0.01 * (s % 3), lambda s: 18.0))
+    assert steady["growing"] is False and steady["why"] == "steady"
+    leak = memory.growth(_series(200, lambda s: 17.0 + 0.002 * s, lambda s: 18.0 + 0.002 * s))
+    assert leak["growing"] and "leak" in leak["why"]
+    assert leak["mem_allocated_gib"]["slope_mib_per_100_steps"] == pytest.approx(204.8, rel=0.01)
+    frag = memory.growth(_series(200, lambda s: 17.0, lambda s: 18.0 + 0.004 * s))
+    assert frag["growing"] and "fragmentation" in frag["why"]
+    assert memory.growth(_series(3, lambda s: 1.0, lambda s: 1.0))["growing"] is None
+
+
+def test_a_run_writes_memory_per_step_and_its_trend(tmp_path, tiny_cache):
+    from vlmfit import train
+    from vlmfit.data import synth
+
+    synth.generate(tmp_path / "shapes", seed=0, n_train=24, n_test=12, n_dpo_train=4, n_dpo_test=12)
+    cfg = RunConfig(
+        model="tiny-smolvlm", data=str(tmp_path / "shapes" / "sft_train.json"), eval_data=None,
+        runs_dir=str(tmp_path / "runs"), max_steps=6, per_device_train_batch_size=4,
+        logging_steps=2, gradient_checkpointing=False,
+    )  # fmt: skip
+    summary = train.run(cfg, progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "runs" / cfg.run_id / "memory.jsonl").open()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    key = "mem_allocated_gib" if torch.cuda.is_available() else "mem_rss_gib"
+    assert all(r[key] > 0 for r in rows)
+    assert summary["memory_growth"]["steps"] == 6 and "growing" in summary["memory_growth"]
+
+
+def test_a_cuda_oom_becomes_one_line_with_the_step_and_advice(monkeypatch):
+    monkeypatch.setattr(memory, "local_gpu_gib", lambda: 24.0)
+    cfg = RunConfig(model="qwen2.5-vl-7b", weights="random", per_device_train_batch_size=8)
+    err = memory.explain_oom(cfg, 37, 1717, 1296)
+    msg = str(err)
+    assert msg.startswith("CUDA out of memory at step 37") and "\n" not in msg
+    assert "predicted peak" in msg and "make train MODEL=qwen2.5-vl-7b" in msg

@@ -42,7 +42,7 @@ class RunConfig:
     train_language: bool = True  # language model (LoRA or full)
     lora_r: int = 16
     lora_alpha: int = 32
-    lora_dropout: float = 0.0  # 0 skips PEFT's dropout pass on every adapted input (faster, leaner); 0.05-0.1 regularises small data
+    lora_dropout: float = 0.0  # 0: no dropout pass per adapter (faster); 0.05 regularises
     use_dora: bool = False  # DoRA: +quality at low rank, ~1.3-2x slower steps
     use_rslora: bool = False  # rank-stabilised scaling alpha/sqrt(r)
     init_lora_weights: Literal["default", "gaussian"] = "default"
@@ -59,21 +59,14 @@ class RunConfig:
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = True  # True reduces activation memory, ~20-30% slower
     # Fast-path levers (vlmfit.fastpath; what each buys: docs/benchmarks.md)
-    vision_no_grad: bool = True  # a frozen vision tower runs without autograd: no activations, no backward (exact; off when train_vision)
-    qlora_vision_4bit: bool = True  # QLoRA: the frozen vision tower in 4-bit too (-1 GiB on 7B, as Unsloth); False keeps it bf16
-    qlora_upcast: bool = False  # True: PEFT's prepare_model_for_kbit_training (fp32 copies of unquantized modules, more memory)
-    activation_offloading: bool = (
-        False  # True: checkpointed activations to pinned CPU memory (less GPU memory, PCIe traffic)
-    )
-    attn_implementation: str = (
-        "sdpa"  # transformers attention kernel: sdpa | eager | flex_attention | flash_attention_2
-    )
-    expandable_segments: bool = (
-        True  # CUDA allocator grows segments: less fragmentation on varying image shapes
-    )
-    train_sampling_strategy: str = (
-        "group_by_length"  # similar lengths per batch: less padding; "random" for plain shuffling
-    )
+    vision_no_grad: bool = True  # frozen vision tower without autograd: exact, less memory, faster
+    qlora_vision_4bit: bool = True  # QLoRA: frozen vision tower in 4-bit (-1 GiB on 7B)
+    qlora_upcast: bool = False  # True: PEFT's kbit prep: fp32 unquantized weights (more GiB)
+    activation_offloading: bool = False  # True: checkpoints to pinned CPU memory (less GPU, PCIe)
+    attn_implementation: str = "sdpa"  # sdpa | eager | flex_attention | flash_attention_2
+    memory_check: bool = True  # refuse before loading a config predicted not to fit this GPU
+    expandable_segments: bool = True  # CUDA allocator grows segments: less fragmentation
+    train_sampling_strategy: str = "group_by_length"  # less padding; "random": plain shuffling
     dataloader_prefetch_factor: int = 2  # batches each worker prepares ahead (with workers > 0)
     bf16: bool | None = None  # None: on when the GPU supports it
     seed: int = 0

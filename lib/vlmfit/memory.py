@@ -1419,3 +1419,158 @@ __all__ = [
 
 if __name__ == "__main__":  # pragma: no cover
     raise SystemExit(_main())
+
+
+# ---------------------------------------------------------------------------------------------
+# During training: refuse what will not fit, explain an OOM, watch growth over steps
+# ---------------------------------------------------------------------------------------------
+
+
+class WontFitError(ValueError):
+    """A configuration predicted (or found) not to fit the GPU, with what would."""
+
+
+def worst_sample(folder) -> tuple[int, int]:
+    """(sequence tokens, visual tokens) of the longest sample of a preprocessing cache."""
+    from pathlib import Path
+
+    stats = json.loads((Path(folder) / "stats.json").read_text())
+    rows = [r for r in stats["sample_stats"] if r.get("status") in ("kept", "shrunk")]
+    if not rows:
+        return 0, 0
+    worst = max(rows, key=lambda r: r["total_after"])
+    return int(worst["total_after"]), int(worst["visual_after"])
+
+
+def _cfg_estimate(cfg, sequence_tokens: int, visual_tokens: int) -> Estimate:
+    return estimate(
+        cfg.spec,
+        finetune=cfg.finetune,
+        lora_r=cfg.lora_r,
+        micro_batch=cfg.per_device_train_batch_size,
+        text_tokens=max(0, sequence_tokens - visual_tokens),
+        visual_tokens=visual_tokens,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        vision_no_grad=cfg.vision_no_grad and not cfg.train_vision,
+        lora_dropout=cfg.lora_dropout > 0,
+        kbit_upcast=cfg.qlora_upcast,
+        dpo=cfg.method == "dpo",
+        qlora_vision_4bit=cfg.qlora_vision_4bit,
+    )
+
+
+def _advice_line(cfg, gpu_gib: float, sequence_tokens: int, visual_tokens: int) -> str:
+    res = plan(cfg.spec, gpu_gib, text_tokens=max(0, sequence_tokens - visual_tokens))
+    if res:
+        return f"what fits {gpu_gib:.0f} GiB: {res[0].make_command()}"
+    return res.reason
+
+
+def check_fits(cfg, sequence_tokens: int, visual_tokens: int, gpu_gib: float | None = None):
+    """Before the model loads: refuse ``cfg`` when its predicted peak (with the planner's
+    margin and the CUDA context) exceeds the GPU, saying what would fit. Returns the
+    estimate; does nothing without CUDA and no ``gpu_gib``."""
+    gpu = gpu_gib if gpu_gib is not None else local_gpu_gib()
+    if gpu is None:
+        return None
+    e = _cfg_estimate(cfg, sequence_tokens, visual_tokens)
+    need = _required(e, 0.0)
+    if need > gpu:
+        raise WontFitError(
+            f"{cfg.model} {cfg.finetune}, micro-batch {cfg.per_device_train_batch_size}, "
+            f"{sequence_tokens} tokens in the longest sample: predicted peak "
+            f"{e.peak_gib:.1f} GiB (+ CUDA context: {need:.1f} GiB) > {gpu:.1f} GiB on this GPU. "
+            f"{_advice_line(cfg, gpu, sequence_tokens, visual_tokens)} "
+            "(memory_check=False trains anyway)"
+        )
+    return e
+
+
+def explain_oom(cfg, step: int, sequence_tokens: int, visual_tokens: int) -> WontFitError:
+    """A CUDA out-of-memory error as a one-line message: where, predicted, what fits."""
+    gpu = local_gpu_gib() or 0.0
+    e = _cfg_estimate(cfg, sequence_tokens, visual_tokens)
+    return WontFitError(
+        f"CUDA out of memory at step {step} ({cfg.model} {cfg.finetune}, micro-batch "
+        f"{cfg.per_device_train_batch_size}; predicted peak {e.peak_gib:.1f} GiB, GPU "
+        f"{gpu:.1f} GiB). {_advice_line(cfg, gpu, sequence_tokens, visual_tokens) if gpu else ''}"
+    )
+
+
+def growth(rows: list[dict[str, Any]], *, warmup: float = 0.1) -> dict[str, Any]:
+    """Trend of allocated and reserved memory over steps (``memory.jsonl`` rows).
+
+    Least squares after the first ``warmup`` fraction of steps; ``growing`` when the fitted
+    rise over the run exceeds max(64 MiB, 2 % of the mean): a leak (allocated) or
+    fragmentation (reserved only).
+    """
+    import numpy as np
+
+    keys = [
+        k
+        for k in ("mem_allocated_gib", "mem_reserved_gib", "mem_rss_gib")
+        if rows and k in rows[-1]
+    ]
+    pts = [r for r in rows if "step" in r]
+    pts = pts[int(len(pts) * warmup) :]
+    out: dict[str, Any] = {"steps": len(pts)}
+    if len(pts) < 5:
+        return out | {"growing": None, "why": "fewer than 5 steps after warm-up"}
+    steps = np.array([r["step"] for r in pts], dtype=float)
+    verdicts = []
+    for key in keys:
+        y = np.array([r[key] for r in pts], dtype=float)
+        slope, _ = np.polyfit(steps, y, 1)
+        rise = float(slope * (steps[-1] - steps[0]))
+        grows = rise > max(64 / 1024, 0.02 * float(y.mean()))
+        out[key] = {
+            "slope_mib_per_100_steps": slope * 1024 * 100,
+            "rise_gib": rise,
+            "growing": grows,
+        }
+        verdicts.append(grows)
+    alloc = out.get("mem_allocated_gib", {}).get("growing")
+    reserved = out.get("mem_reserved_gib", {}).get("growing")
+    out["growing"] = any(verdicts)
+    out["why"] = (
+        "allocated memory grows: tensors are kept across steps (a leak)"
+        if alloc
+        else "reserved grows while allocated does not: allocator fragmentation "
+        "(expandable_segments=True avoids it)"
+        if reserved
+        else "steady"
+    )
+    return out
+
+
+def step_callback(path):
+    """A ``TrainerCallback`` writing allocated / reserved / peak GiB of every step to
+    ``path`` (JSON lines; CPU: the process RSS) and keeping the run's peak."""
+    import torch
+    from transformers import TrainerCallback
+
+    from vlmfit.runs import MetricsLog
+
+    class MemoryPerStep(TrainerCallback):
+        def __init__(self):
+            self.log = MetricsLog(path)
+            self.peak = 0.0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if not state.is_world_process_zero:
+                return
+            if torch.cuda.is_available():
+                peak = torch.cuda.max_memory_allocated() / GIB
+                row = {
+                    "mem_allocated_gib": torch.cuda.memory_allocated() / GIB,
+                    "mem_reserved_gib": torch.cuda.memory_reserved() / GIB,
+                    "mem_peak_gib": peak,
+                }
+                torch.cuda.reset_peak_memory_stats()  # the next row is the next step's peak
+            else:
+                peak = _rss() / GIB
+                row = {"mem_rss_gib": peak}
+            self.peak = max(self.peak, peak)
+            self.log.write({"step": state.global_step} | row)
+
+    return MemoryPerStep()

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from vlmfit import distributed, fastpath, runs
+from vlmfit import distributed, fastpath, memory, runs
 from vlmfit.config import ConfigError, RunConfig, resolve, validate
 from vlmfit.records import Record
 
@@ -507,11 +507,15 @@ def run(cfg: RunConfig, origin: dict[str, str] | None = None, *, progress: bool 
         if cfg.eval_limit:
             eval_ds = eval_ds.select(range(min(cfg.eval_limit, len(eval_ds))))
 
+    worst = memory.worst_sample(train_folder)  # (tokens, visual tokens) of the longest sample
+    if cfg.memory_check:  # before the model loads: refuse what will not fit, say what would
+        memory.check_fits(cfg, *worst)
     torch.manual_seed(cfg.seed)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    model, processor = build_model(cfg)
+    with distributed.local_main_first():  # one download / tiny-model build per machine
+        model, processor = build_model(cfg)
     load_s = time.time() - t0
     trainable = _trainable(model)
     n_language = fastpath.language_params(model, cfg.spec)  # before FSDP / ZeRO-3 shard it
@@ -524,6 +528,8 @@ def run(cfg: RunConfig, origin: dict[str, str] | None = None, *, progress: bool 
 
     before = evaluate(model)  # before the Trainer wraps it: a full replica on every rank
     trainer = build_trainer(cfg, model, processor, train_ds, eval_ds, out, log, progress)
+    per_step = memory.step_callback(out / "memory.jsonl")  # allocated / reserved / peak
+    trainer.add_callback(per_step)
     if distributed.is_distributed():
         (out / "ranks").mkdir(exist_ok=True)
         trainer.data_collator = distributed.SampleLog(
@@ -536,9 +542,14 @@ def run(cfg: RunConfig, origin: dict[str, str] | None = None, *, progress: bool 
     if torch.cuda.is_available():  # the training peak, without loading and evaluation
         torch.cuda.reset_peak_memory_stats()
     t1 = time.time()
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume_from)
+    except torch.OutOfMemoryError:
+        raise memory.explain_oom(cfg, trainer.state.global_step + 1, *worst) from None
+    if isinstance(trainer.data_collator, distributed.SampleLog):  # log training batches only
+        trainer.data_collator = trainer.data_collator.collator
     train_s = time.time() - t1
-    train_peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    train_peak = per_step.peak if torch.cuda.is_available() else None
     tokens_per_s = _tokens_per_s(log, train_s)
     engine = distributed.engine(trainer)
     if engine == "none":
@@ -549,8 +560,8 @@ def run(cfg: RunConfig, origin: dict[str, str] | None = None, *, progress: bool 
     if engine in ("fsdp", "deepspeed") and eval_records:
         # Generation on sharded weights would need every rank in each forward: skipped.
         eval_note = (
-            f"evaluation after training skipped under {engine} (sharded weights); evaluate "
-            f"the saved model in one process: make sft RESUME=1 ... or vlmfit.evaluate"
+            f"held-out evaluation after training skipped under {engine} (sharded weights): "
+            f"evaluate {out / 'adapter'} in one process (vlmfit.evaluate.evaluate_generation)"
         )
         after = {"metrics": {}, "samples": []}
     else:
@@ -574,6 +585,7 @@ def run(cfg: RunConfig, origin: dict[str, str] | None = None, *, progress: bool 
         "peak_memory_gib": _peak_memory(log),
         "train_peak_memory_gib": train_peak,
         "tokens_per_s": tokens_per_s,
+        "memory_growth": memory.growth(runs.MetricsLog(out / "memory.jsonl").read()),
         "tokens_per_sample": sum(train_ds["length"]) / max(len(train_ds), 1),
         "data_wait_fraction": _wait_fraction(log),
         "mfu": fastpath.mfu(tokens_per_s, n_language, env["gpu"]) if tokens_per_s else None,
