@@ -26,6 +26,8 @@ RESUME ?= 0#                    1: continue RUN from its last checkpoint
 OVERWRITE ?= 0#                 1: replace RUN when it already holds a run (else training refuses)
 DPO ?= 0#                       1: `make train` also runs DPO from the SFT adapter
 PARAMS ?=#                      other sft/dpo parameters or RunConfig fields: "lora_r=8 learning_rate=1e-4"
+NPROC ?= 1#                     processes (GPUs) on this machine; >1: sft/dpo run `vlmfit train` under accelerate launch
+DIST ?= ddp#                    with NPROC>1: ddp | fsdp2 | zero3 (accelerate/DIST.yaml; zero3 needs pip install deepspeed)
 EVAL_DATA ?= data/shapes/sft_test.json#  held-out split for exact match
 DPO_DATA ?= data/shapes/dpo_train.json#  preference data for `make dpo`
 PREF_EVAL_DATA ?= data/shapes/dpo_test.json#  held-out preference pairs (reward accuracy)
@@ -37,10 +39,14 @@ PYTHON ?= python3#              base interpreter for .venv
 PYTHON_VERSION ?= 3.12#         for `make wheelhouse`
 WHEELS ?=#                      local wheel folder (offline installs)
 SYSTEM_SITE ?= 0#               1: .venv sees the system's packages (GPU host torch)
+NNODES ?= 1#                    machines; each runs the same make line with its NODE_RANK (docs/distributed.md)
+NODE_RANK ?= 0#                 this machine's rank, 0..NNODES-1
+MAIN_ADDR ?=#                   address of machine 0, reachable from every machine (NNODES>1)
+MAIN_PORT ?= 29500#             a free TCP port on machine 0 (NNODES>1)
 DIALS := MODEL WEIGHTS REVISION DATA FINETUNE MAX_IMAGE_TOKENS MAX_STEPS EPOCHS RUN RESUME \
-         OVERWRITE DPO PARAMS
+         OVERWRITE DPO PARAMS NPROC DIST
 MORE_DIALS := EVAL_DATA DPO_DATA PREF_EVAL_DATA REPORTS GPU_GIB LAB_IP LAB_PORT PYTHON \
-         PYTHON_VERSION WHEELS SYSTEM_SITE
+         PYTHON_VERSION WHEELS SYSTEM_SITE NNODES NODE_RANK MAIN_ADDR MAIN_PORT
 
 # ---- environment -----------------------------------------------------------------
 LOCK := requirements.lock
@@ -75,6 +81,23 @@ DPO_ARGS = -p model $(MODEL) -p weights $(WEIGHTS) -p data $(DPO_DATA) -p eval_d
   -p preference_eval_data $(PREF_EVAL_DATA) -p run $(DPO_RUN) \
   -p init_adapter $(if $(INIT),$(INIT),$(SFT_RUN)) -p finetune $(DPO_FINETUNE) \
   -p max_steps $(MAX_STEPS) -p resume $(RESUME) $(if $(REVISION),-p revision $(REVISION),) $(param_args)
+
+# NPROC > 1: the same runs through the CLI (a notebook is one process) on every rank,
+# launched by accelerate with accelerate/$(DIST).yaml; the run folder as with one process,
+# no notebook report (docs/distributed.md).
+LAUNCH = $(PY) -m vlmfit.distributed --nproc $(NPROC) --dist $(DIST) \
+  $(if $(filter-out 1,$(NNODES)),--nnodes $(NNODES) --node-rank $(NODE_RANK) \
+  --main-address $(MAIN_ADDR) --main-port $(MAIN_PORT),) $(if $(filter 1,$(OVERWRITE)),--overwrite,) --
+param_flags = $(foreach p,$(PARAMS),--$(firstword $(subst =, ,$(p))) $(patsubst $(firstword $(subst =, ,$(p)))=%,%,$(p)))
+SFT_FLAGS = --method sft --model $(MODEL) --weights $(WEIGHTS) --data $(DATA) \
+  --eval-data $(or $(EVAL_DATA),none) --run $(SFT_RUN) --finetune $(FINETUNE) \
+  --max-steps $(MAX_STEPS) --num-train-epochs $(EPOCHS) --resume $(RESUME) \
+  $(if $(filter-out 0,$(MAX_IMAGE_TOKENS)),--max-image-tokens $(MAX_IMAGE_TOKENS),) \
+  $(if $(REVISION),--revision $(REVISION),) $(param_flags)
+DPO_FLAGS = --method dpo --model $(MODEL) --weights $(WEIGHTS) --data $(DPO_DATA) \
+  --eval-data $(or $(EVAL_DATA),none) --preference-eval-data $(or $(PREF_EVAL_DATA),none) \
+  --run $(DPO_RUN) --init-adapter $(if $(INIT),$(INIT),$(SFT_RUN)) --finetune $(DPO_FINETUNE) \
+  --max-steps $(MAX_STEPS) --resume $(RESUME) $(if $(REVISION),--revision $(REVISION),) $(param_flags)
 
 .PHONY: help setup env lock wheelhouse data demo preprocess profile plan sft dpo train train-check \
         bench lab test test-fast test-slow test-gpu test-browser lint format image \
@@ -136,11 +159,19 @@ profile: env data ## Measure memory and speed of $(MODEL)'s training step (memor
 plan: env ## Predict peak memory for $(MODEL) and pick a config that fits the GPU
 	@$(PY) -m vlmfit plan --model $(MODEL) $(if $(GPU_GIB),--gpu-gib $(GPU_GIB),)
 
-sft: env data ## Supervised fine-tuning (TRL SFTTrainer) of $(MODEL), $(FINETUNE), on DATA; runs/RUN, report
+sft: env data ## Supervised fine-tuning (TRL SFTTrainer) of $(MODEL), $(FINETUNE), on DATA; runs/RUN, report (NPROC>1: accelerate)
+ifeq ($(NPROC),1)
 	@$(NB) notebooks/sft.ipynb --name $(SFT_RUN) $(NB_FLAGS) $(SFT_ARGS)
+else
+	@$(LAUNCH) $(SFT_FLAGS)
+endif
 
-dpo: env data ## DPO (TRL DPOTrainer) from the SFT run's adapter (INIT=<run>) on DPO_DATA; report
+dpo: env data ## DPO (TRL DPOTrainer) from the SFT run's adapter (INIT=<run>) on DPO_DATA; report (NPROC>1: accelerate)
+ifeq ($(NPROC),1)
 	@$(NB) notebooks/dpo.ipynb --name $(DPO_RUN) $(NB_FLAGS) $(DPO_ARGS)
+else
+	@$(LAUNCH) $(DPO_FLAGS)
+endif
 
 # Every check of `make train` (model, data, parameter names, run ids) before its first notebook.
 train-check: env data
