@@ -296,6 +296,7 @@ class Progress(threading.Thread):
         self._last_print = 0.0
         self._rows: list[dict[str, Any]] = []
         self._last_say = time.time()
+        self._last_line = ""
         self.heartbeat = 30.0  # seconds without a line before "... <section>"
 
     def say(self, text: str) -> None:
@@ -333,8 +334,10 @@ class Progress(threading.Thread):
             return
         if not final and time.time() - self._last_print < self.every:
             return
-        self._last_print = time.time()
-        self.say(progress_line(self._rows, self.max_steps, self.epochs))
+        line = progress_line(self._rows, self.max_steps, self.epochs)
+        if line != self._last_line:
+            self._last_print, self._last_line = time.time(), line
+            self.say(line)
 
     def run(self) -> None:
         while not self.stop.wait(1.0):
