@@ -200,6 +200,7 @@ def save_model(trainer, out: Path) -> Path:
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)
+        print(f"rank {rank()} of {world_size()}: saved {target}", flush=True)
     barrier()
     return target
 
@@ -283,9 +284,14 @@ def prepare(train_args: list[str], *, overwrite: bool, node_rank: int = 0) -> li
     machine only, then tells the ranks to replace a fresh run (rank 0 alone deletes it).
     """
     from vlmfit import runs
-    from vlmfit.config import ConfigError, resolve
+    from vlmfit.config import FIELDS, ConfigError, resolve
+    from vlmfit.nbrun import did_you_mean
 
     overrides = _overrides(train_args)
+    for key in sorted(set(overrides) - FIELDS):
+        dashed = {"--" + f.replace("_", "-") for f in FIELDS}
+        flag = "--" + key.replace("_", "-")
+        raise LaunchError(f"unknown vlmfit train option {flag}{did_you_mean(flag, dashed)}")
     try:
         cfg, _ = resolve(overrides)
     except ConfigError as e:
