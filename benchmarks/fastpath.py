@@ -109,6 +109,10 @@ SUITES["final"] = [
     {"path": "vlmfit", "model": "smolvlm", "finetune": "lora", "mb": 4, "steps": 40},
     {"path": "vlmfit-dpo", "model": "smolvlm", "finetune": "lora", "mb": 2, "steps": 20},
 ]
+SUITES["probe"] = [  # one lever, end to end: the Trainer's autocast off on SmolVLM
+    {"path": "vlmfit", "model": "smolvlm", "finetune": "lora", "mb": 4, "steps": 30,
+     "over": {"autocast": False}},
+]  # fmt: skip
 SUITES["all"] = [c for k in ("smolvlm", "qwen7b", "qwen7b-qlora") for c in SUITES[k]]
 
 
@@ -271,6 +275,7 @@ def end_to_end(case: dict, data: Path) -> dict:
         "save_steps": 10_000,
         "lora_alpha": 16,
     }
+    over |= case.get("over", {})
     if case["path"].startswith("plain"):
         over |= PLAIN | ({"qlora_upcast": True} if case["finetune"] == "qlora" else {})
     cfg, _ = resolve(over)

@@ -214,6 +214,7 @@ def applied_levers(
         "train_sampling_strategy": cfg.train_sampling_strategy,
         "expandable_segments": allocator,
         "attn_implementation": cfg.attn_implementation,
+        "autocast": cfg.autocast,
         "per_device_train_batch_size": cfg.per_device_train_batch_size,
         "max_image_tokens": cfg.max_image_tokens,
     }
