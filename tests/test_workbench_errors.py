@@ -211,3 +211,17 @@ def test_make_help_shows_the_dials_with_their_values():
         assert len(dials[dial]) >= 2, f"{dial}: value and meaning"
     assert dials["MODEL"][0] == "qwen2.5-vl-7b" and dials["PARAMS"][0] == "lora_r=8"
     assert "Measure memory and speed of qwen2.5-vl-7b's training step" in out
+
+
+@pytest.mark.parametrize("command", ["preprocess", "train"])
+def test_unreachable_hub_fails_fast_on_the_command_line_too(command, tmp_path):
+    env = {"HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}", "HF_HOME": str(tmp_path / "hf")}
+    env["HF_HUB_OFFLINE"] = "0"
+    args = ["--model", "smolvlm"]
+    if command == "preprocess":
+        args = [str(ROOT / "data" / "no-matter.json"), *args]
+    t0 = time.time()
+    proc = _vlmfit(command, *args, cwd=tmp_path, env=env)
+    assert proc.returncode == 2 and time.time() - t0 < 30
+    last = _one_line_error(proc, "cannot reach", "WEIGHTS=random")
+    assert last.startswith(f"vlmfit {command}: error:")

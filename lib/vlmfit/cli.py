@@ -229,6 +229,7 @@ def cli_train(argv: list[str]) -> int:
     runs.check_run_dir(
         Path(overrides.get("runs_dir", d.runs_dir)) / run, resume=resume, overwrite=overwrite
     )
+    _hub_preflight(argv)  # the network last
     if overwrite and "overwrite" in FIELDS:  # once RunConfig carries it, train.run decides
         argv = [*argv, "--overwrite", "true"]
     from vlmfit import train
@@ -364,6 +365,35 @@ def models_help() -> str:
     return "models (--model):\n" + "\n".join(rows)
 
 
+def _flag(argv: list[str], name: str) -> str | None:
+    """The value of ``--name`` / ``--name=`` in either spelling, else None."""
+    spellings = {f"--{name}", f"--{name.replace('_', '-')}"}
+    for i, tok in enumerate(argv):
+        opt, eq, val = tok.partition("=")
+        if opt in spellings:
+            return val if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+    return None
+
+
+def _hub_preflight(argv: list[str]) -> None:
+    """A hub model that cannot load fails in seconds, before any library retries for minutes."""
+    from vlmfit import nbrun, registry
+
+    model = _flag(argv, "model") or ("smolvlm" if _flag(argv, "merge") is None else None)
+    if model is None or model not in registry.names():
+        return  # unknown names are reported by the command itself
+    weights = _flag(argv, "weights") or "hub"
+    problem, offline = nbrun.hub_problem(model, weights, _flag(argv, "revision"))
+    if problem:
+        raise nbrun.ParameterError(problem)
+    if offline:
+        from huggingface_hub import constants
+
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        constants.HF_HUB_OFFLINE = True  # read at import: the libraries see it from here on
+        print(f"vlmfit: hub unreachable; using the cached {model} offline", file=sys.stderr)
+
+
 # Our own errors read as sentences; anything else keeps its type name.
 _OURS = {"ParameterError", "RunExistsError", "ConfigError", "NotebookFailed", "UnknownModelError"}
 
@@ -386,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     module, func = COMMANDS[name]
     wants_help = bool({"-h", "--help"} & set(rest))
     try:
+        if name == "preprocess" and not wants_help:
+            _hub_preflight(rest)
         with both_spellings():
             result = getattr(importlib.import_module(module), func)(rest)
     except SystemExit as e:
