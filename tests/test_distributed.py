@@ -285,3 +285,11 @@ def test_make_sft_with_nproc_launches_the_cli_and_nproc_1_runs_the_notebook():
     assert "--method sft" in two and "--finetune full" in two and "--model tiny-smolvlm" in two
     dpo = _make_n("dpo", "MODEL=tiny-smolvlm", "NPROC=2")
     assert "--method dpo" in dpo and "--init-adapter sft-tiny-smolvlm" in dpo
+
+
+@pytest.mark.gpu
+def test_qlora_is_refused_with_sharding_engines_and_kept_for_ddp(tmp_path):
+    args = ["--model", "tiny-smolvlm", "--finetune", "qlora", "--runs-dir", str(tmp_path)]
+    with pytest.raises(distributed.LaunchError, match="QLoRA runs under DIST=ddp"):
+        distributed.prepare(args, overwrite=False, dist="fsdp2")
+    assert distributed.prepare(args, overwrite=False, dist="ddp")[-1] == "--overwrite"

@@ -168,6 +168,13 @@ class SampleLog:
         return self.collator(examples)
 
 
+def sharded() -> bool:
+    """Launched with FSDP or DeepSpeed (accelerate tells the ranks through the environment):
+    weights and optimizer states are divided over the GPUs."""
+    env = ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")
+    return is_distributed() and any(os.environ.get(k, "").lower() == "true" for k in env)
+
+
 def engine(trainer) -> str:
     """``ddp``, ``fsdp`` or ``deepspeed`` for a prepared Trainer (``none`` in one process)."""
     if getattr(trainer, "is_fsdp_enabled", False):
@@ -276,7 +283,9 @@ def _overrides(argv: list[str]) -> dict[str, str]:
     return out
 
 
-def prepare(train_args: list[str], *, overwrite: bool, node_rank: int = 0) -> list[str]:
+def prepare(
+    train_args: list[str], *, overwrite: bool, node_rank: int = 0, dist: str = "ddp"
+) -> list[str]:
     """Check the run configuration and the run folder once; the flags every rank gets.
 
     Every rank runs ``vlmfit train``, which refuses an existing run folder: the launcher
@@ -296,6 +305,11 @@ def prepare(train_args: list[str], *, overwrite: bool, node_rank: int = 0) -> li
         cfg, _ = resolve(overrides)
     except ConfigError as e:
         raise LaunchError(f"configuration error: {e}") from None
+    if cfg.finetune == "qlora" and dist != "ddp":
+        raise LaunchError(
+            f"finetune=qlora with DIST={dist}: vlmfit's 4-bit weights are not stored for "
+            "sharding; QLoRA runs under DIST=ddp (one 4-bit copy per GPU)"
+        )
     if node_rank == 0:
         runs.check_run_dir(
             runs.run_dir(cfg.runs_dir, cfg.run_id), resume=cfg.resume, overwrite=overwrite
@@ -329,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--nnodes > 1 needs --main-address (machine 0's address, reachable from all)")
     try:
         check_engine(a.dist, a.nproc)
-        ranks_args = prepare(train_args, overwrite=a.overwrite, node_rank=a.node_rank)
+        ranks_args = prepare(train_args, overwrite=a.overwrite, node_rank=a.node_rank, dist=a.dist)
         cmd = launch_command(
             ranks_args,
             nproc=a.nproc,

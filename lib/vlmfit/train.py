@@ -509,7 +509,10 @@ def run(cfg: RunConfig, origin: dict[str, str] | None = None, *, progress: bool 
             eval_ds = eval_ds.select(range(min(cfg.eval_limit, len(eval_ds))))
 
     worst = memory.worst_sample(train_folder)  # (tokens, visual tokens) of the longest sample
-    if cfg.memory_check:  # before the model loads: refuse what will not fit, say what would
+    if cfg.memory_check and distributed.sharded():
+        if distributed.is_main():  # the single-GPU prediction overstates a sharded run
+            print("memory_check skipped: FSDP / ZeRO-3 divide the weights over the GPUs")
+    elif cfg.memory_check:  # before the model loads: refuse what will not fit, say what would
         memory.check_fits(cfg, *worst)
     torch.manual_seed(cfg.seed)
     if torch.cuda.is_available():
