@@ -293,3 +293,40 @@ def test_qlora_is_refused_with_sharding_engines_and_kept_for_ddp(tmp_path):
     with pytest.raises(distributed.LaunchError, match="QLoRA runs under DIST=ddp"):
         distributed.prepare(args, overwrite=False, dist="fsdp2")
     assert distributed.prepare(args, overwrite=False, dist="ddp")[-1] == "--overwrite"
+
+
+# ------------------------------------------------- two GPUs (make test-gpu on a 2-GPU host)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+@pytest.mark.parametrize("dist", ["ddp", "fsdp2", "zero3"])
+def test_two_gpus_train_save_the_single_gpu_format_and_resume_sharded(
+    dist, finetune, tmp_path, tiny_cache
+):
+    """Each engine on 2 GPUs: trains, gathers the model into the one-GPU format, resumes
+    from its (sharded) checkpoint."""
+    from vlmfit import tiny
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs 2 CUDA GPUs, this machine has {torch.cuda.device_count()}")
+    if dist == "zero3" and importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("DIST=zero3 needs deepspeed (pip install deepspeed), not in the lock")
+    synth.generate(tmp_path / "shapes", seed=0, n_train=SAMPLES, n_test=12, n_dpo_train=4,
+                   n_dpo_test=12)  # fmt: skip
+    tiny.ensure_tiny("tiny-qwen2-vl")
+    args = _train_args(tmp_path, model="tiny-qwen2-vl", finetune=finetune)
+    proc = _launch(["--nproc", "2", "--dist", dist, "--", *args], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    run = tmp_path / "runs" / "sft-tiny-qwen2-vl"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["engine"] == {"ddp": "ddp", "fsdp2": "fsdp", "zero3": "deepspeed"}[dist]
+    assert ("eval_note" in summary) == (dist != "ddp"), "sharded: evaluation skipped, said why"
+    files = {p.name for p in (run / "adapter").iterdir()}
+    want = "adapter_model.safetensors" if finetune == "lora" else "model.safetensors"
+    assert want in files and "training_args.bin" not in files
+    shutil.rmtree(run / "checkpoints" / "checkpoint-8")
+    resumed = _launch(["--nproc", "2", "--dist", dist, "--", *args, "--resume", "true"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-6000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["resumed_from"].endswith("checkpoint-4") and summary["global_step"] == STEPS
