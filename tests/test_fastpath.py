@@ -253,3 +253,14 @@ def test_qlora_keeps_projector_and_lm_head_in_bf16(vision_4bit):
         assert not should_convert_module(projector, skip)
         assert not should_convert_module("lm_head", skip)
         assert should_convert_module(vision, skip) is vision_4bit
+
+
+def test_make_variables_coerce_by_each_fields_type():
+    cfg, _ = resolve(
+        {"eval_limit": "4", "dataloader_num_workers": "none", "vision_no_grad": "false",
+         "lora_dropout": "0.05", "max_image_tokens": "256"}
+    )  # fmt: skip
+    assert cfg.eval_limit == 4 and cfg.dataloader_num_workers is None
+    assert cfg.vision_no_grad is False and cfg.lora_dropout == 0.05 and cfg.max_image_tokens == 256
+    with pytest.raises(ValueError, match="lora_r: expected int"):
+        resolve({"lora_r": "sixteen"})

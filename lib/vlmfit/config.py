@@ -86,9 +86,7 @@ class RunConfig:
     eval_max_new_tokens: int = 16
     eval_limit: int | None = None  # evaluate on the first N held-out samples
     eval_batch_size: int = 16
-    dataloader_num_workers: int | None = (
-        None  # None: auto (CUDA: up to 8 CPU workers run the image processor; CPU: 0)
-    )
+    dataloader_num_workers: int | None = None  # None: auto (CUDA: cores - 2, up to 16; CPU: 0)
 
     @property
     def run_id(self) -> str:
@@ -103,30 +101,30 @@ class RunConfig:
 
 
 FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
+_TYPES = {f.name: str(f.type) for f in dataclasses.fields(RunConfig)}
 
 
 def _coerce(name: str, value: Any) -> Any:
     """Make-variable strings ("1", "true", "none") into the field's type."""
-    default = getattr(RunConfig(), name)
     if not isinstance(value, str):
         return value
+    kind = _TYPES[name]  # the annotation, e.g. "int | None"
     low = value.strip().lower()
-    if low in {"none", "null", ""}:
+    if low in {"none", "null", ""} and "None" in kind:
         return None
-    if isinstance(default, bool) or name in {"bf16"}:
+    if kind.startswith("bool"):
         if low in {"1", "true", "yes", "on"}:
             return True
         if low in {"0", "false", "no", "off"}:
             return False
         raise ConfigError(f"{name}: expected a boolean, got {value!r}")
-    if (
-        isinstance(default, int)
-        and not isinstance(default, bool)
-        or name in ("max_image_tokens", "dataloader_num_workers")
-    ):
-        return int(value)
-    if isinstance(default, float) or name == "projector_learning_rate":
-        return float(value)
+    try:
+        if kind.startswith("int"):
+            return int(value)
+        if kind.startswith("float"):
+            return float(value)
+    except ValueError:
+        raise ConfigError(f"{name}: expected {kind.split(' ')[0]}, got {value!r}") from None
     return value
 
 
