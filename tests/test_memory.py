@@ -330,7 +330,7 @@ def test_plan_says_what_would_fit_when_nothing_does():
     res = memory.plan("qwen2.5-vl-7b", 6, text_tokens=256, image_size=(1000, 1000))
     assert not res
     assert "What would fit" in res.reason and "smaller model" in res.reason
-    huge = memory.plan("qwen2.5-vl-7b", 16, finetune="full", text_tokens=256)
+    huge = memory.plan("qwen2.5-vl-7b", 24, finetune="full", text_tokens=256)
     assert not huge and "GPUs" in huge.reason
 
 
@@ -413,3 +413,32 @@ def test_a_cuda_oom_becomes_one_line_with_the_step_and_advice(monkeypatch):
     msg = str(err)
     assert msg.startswith("CUDA out of memory at step 37") and "\n" not in msg
     assert "predicted peak" in msg and "make train MODEL=qwen2.5-vl-7b" in msg
+
+
+def test_per_gpu_memory_under_ddp_fsdp2_and_zero3():
+    one = memory.estimate("qwen2.5-vl-7b", finetune="full")
+    ddp = memory.estimate("qwen2.5-vl-7b", finetune="full", nproc=2, engine="ddp")
+    assert ddp.peak_gib > one.peak_gib  # a full replica plus DDP's gradient buckets
+    fsdp = [
+        memory.estimate("qwen2.5-vl-7b", finetune="full", nproc=n, engine="fsdp2")
+        for n in (2, 4, 8)
+    ]
+    assert fsdp[0].peak_gib > fsdp[1].peak_gib > fsdp[2].peak_gib
+    assert fsdp[2].peak_gib < 0.5 * one.peak_gib
+    z3 = memory.estimate("qwen2.5-vl-7b", finetune="lora", nproc=4, engine="zero3")
+    assert z3.weights_gib == pytest.approx(
+        memory.estimate("qwen2.5-vl-7b").weights_gib / 4, rel=0.02
+    )
+    with pytest.raises(ValueError, match="engine"):
+        memory.estimate("smolvlm", nproc=2, engine="horovod")
+
+
+def test_plan_for_several_gpus_prints_nproc_and_dist(capsys):
+    from vlmfit.cli import main
+
+    assert main(["plan", "--model", "qwen2.5-vl-7b", "--gpu-gib", "80", "--finetune", "full",
+                 "--nproc", "4", "--engine", "fsdp2", "--json"]) == 0  # fmt: skip
+    best = json.loads(capsys.readouterr().out)["candidates"][0]
+    assert "NPROC=4 DIST=fsdp2" in best["make"] and "FINETUNE=full" in best["make"]
+    alone = memory.plan("qwen2.5-vl-7b", 40, finetune="full")
+    assert not alone and "GPUs sharding" in alone.reason

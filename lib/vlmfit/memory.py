@@ -158,6 +158,9 @@ QLORA_VISION_BYTES_I = 6.0  # calibrated
 #: QLoRA is the least validated estimate (docs/memory.md): ``plan`` adds this to its margin.
 QLORA_UNCERTAINTY = 0.10
 
+#: Engines of several GPUs (accelerate/*.yaml).
+ENGINES = ("ddp", "fsdp2", "zero3")
+
 #: What ``estimate`` can predict: vlmfit's default path, or the textbook recipe.
 RECIPES = ("vlmfit", "plain")
 
@@ -416,6 +419,8 @@ def estimate(
     fused_lm_head: bool | None = None,
     dpo: bool = False,
     qlora_vision_4bit: bool = True,
+    nproc: int = 1,
+    engine: str = "ddp",
 ) -> Estimate:
     """Predict the peak memory of one training step (GiB), with its breakdown.
 
@@ -432,7 +437,15 @@ def estimate(
     ``lora_dropout``, ``kbit_upcast`` and ``fused_lm_head`` overrides its recipe default.
     ``dpo``: TRL's DPOTrainer runs chosen and rejected as one batch of 2 x ``micro_batch``
     (the reference forward, without autograd, adds no stored activations).
+    ``nproc`` / ``engine`` (ddp, fsdp2, zero3): the peak of one GPU of ``nproc``
+    (docs/distributed.md): DDP keeps a second copy of the gradients in its buckets; FSDP2
+    and ZeRO-3 divide weights, gradients and optimizer states (fp32 for what trains) and
+    gather one unit at a time. The sharded figures are not validated on GPUs yet.
     """
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if nproc < 1:
+        raise ValueError("nproc must be >= 1")
     if recipe not in RECIPES:
         raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
     fast = recipe == "vlmfit"
@@ -582,6 +595,22 @@ def estimate(
         **phases[phase],
         "overhead": ALLOC_OVERHEAD_GIB,
     }
+    if nproc > 1 and engine == "ddp":
+        breakdown["DDP gradient buckets"] = grads + (adapters if adapters else 0.0)
+        notes.append(f"DDP over {nproc} GPUs: a full replica on each")
+    elif nproc > 1:  # FSDP2 / ZeRO-3: what trains is held in fp32 and sharded
+        frozen = a.total_params - trainable
+        per_trainable = 16.0 if engine == "fsdp2" else 18.0  # fp32 weight, grad, 2 Adam states
+        # the largest unit (a decoder layer, the embedding or lm_head), gathered with the next
+        # one prefetched: in fp32 when it trains under FSDP2's autocast, else in the load dtype
+        unit = max(a.lm_linear_params // max(a.layers, 1), a.embed_params, a.lm_head_params)
+        unit_bytes = 4.0 if finetune == "full" and engine == "fsdp2" else float(wb)
+        gathered = 2 * unit_bytes * unit
+        breakdown["weights"] = frozen * frozen_bytes / nproc / GIB
+        breakdown["trainable params"] = trainable * per_trainable / nproc / GIB
+        breakdown["gradients"] = breakdown["optimizer states"] = 0.0
+        breakdown["gathered unit"] = gathered / GIB
+        notes.append(f"{engine} over {nproc} GPUs: weights and optimizer states sharded")
     if fused_lm_head:
         notes.append("loss through TRL's chunked fused LM head: the logits are never stored")
     return Estimate(
@@ -629,7 +658,9 @@ class Candidate:
     required_gib: float
     gpu_gib: float
     score: float  # relative tokens/s (``relative_speed``), for ranking
-    effective_batch: int = 16  # samples per optimizer step: micro-batch x accumulation
+    effective_batch: int = 16  # samples per optimizer step: micro-batch x accumulation x GPUs
+    nproc: int = 1
+    engine: str = "ddp"
 
     @property
     def headroom_gib(self) -> float:
@@ -637,7 +668,7 @@ class Candidate:
 
     @property
     def accumulation(self) -> int:
-        return max(1, math.ceil(self.effective_batch / self.micro_batch))
+        return max(1, math.ceil(self.effective_batch / (self.micro_batch * self.nproc)))
 
     def make_args(self) -> str:
         """The configuration as ``make train`` variables (PARAMS: RunConfig field names)."""
@@ -651,7 +682,8 @@ class Candidate:
         return f"FINETUNE={self.finetune} MAX_IMAGE_TOKENS={mit} PARAMS='{' '.join(params)}'"
 
     def make_command(self) -> str:
-        return f"make train MODEL={self.estimate.model} {self.make_args()}"
+        gpus = f" NPROC={self.nproc} DIST={self.engine}" if self.nproc > 1 else ""
+        return f"make train MODEL={self.estimate.model}{gpus} {self.make_args()}"
 
     def row(self) -> dict[str, Any]:
         e = self.estimate
@@ -703,13 +735,13 @@ def advice(
             smaller.append(f"MODEL={name} ({fits[0].make_args()})")
     if smaller:
         tips.append("a smaller model: " + ", ".join(smaller[:3]))
-    if s is not None:  # sharded weights, gradients and optimizer states (FSDP2 / ZeRO-3)
-        e = s.estimate
-        states = e.breakdown["weights"] + e.breakdown["gradients"] + e.breakdown["optimizer states"]
-        rest = s.required_gib - states * (1 + 0.1) - CUDA_CONTEXT_GIB
+    if s is not None and s.nproc == 1:  # weights and optimizer states sharded over GPUs
         for n in (2, 4, 8):
-            if states / n * 1.1 + rest + CUDA_CONTEXT_GIB <= gpu_gib:
-                tips.append(f"{n} GPUs sharding weights and optimizer states (FSDP2 / ZeRO-3)")
+            more = plan(spec, gpu_gib, text_tokens=text_tokens, image_size=image_size,
+                        finetune=s.finetune, micro_batches=(1,), nproc=n, engine="fsdp2")  # fmt: skip
+            if more:
+                tips.append(f"{n} GPUs sharding weights and optimizer states: "
+                            f"{more[0].make_command()} (predicted, not validated on GPUs)")  # fmt: skip
                 break
     return tips
 
@@ -733,6 +765,8 @@ def plan(
     margin: float = 0.10,
     lora_r: int = 16,
     effective_batch: int = 16,
+    nproc: int = 1,
+    engine: str = "ddp",
 ) -> PlanResult:
     """Configurations that fit ``gpu_gib`` GiB with ``margin`` to spare, best first.
 
@@ -768,6 +802,8 @@ def plan(
                         budget=budget,
                         gradient_checkpointing=gc_on,
                         vision_no_grad=vision_no_grad,
+                        nproc=nproc,
+                        engine=engine,
                     )
                     key = (ft, mb, e.visual_tokens, gc_on)
                     if key in seen:  # a budget above the image's cost changes nothing
@@ -784,6 +820,8 @@ def plan(
                         gpu_gib=gpu_gib,
                         score=relative_speed(ft, mb, gc_on),
                         effective_batch=effective_batch,
+                        nproc=nproc,
+                        engine=engine,
                     )
                     tried.append(c)
                     if c.required_gib <= gpu_gib:
@@ -1330,6 +1368,10 @@ def cli_plan(argv: list[str]) -> int:
     p.add_argument("--vision-no-grad", action="store_true",
                    help="assume the frozen vision tower runs without autograd")  # fmt: skip
     p.add_argument("--margin", type=float, default=0.10, help="safety margin (fraction)")
+    p.add_argument("--nproc", type=int, default=1, help="GPUs (make NPROC=)")
+    p.add_argument(
+        "--engine", choices=list(ENGINES), default="ddp", help="with --nproc > 1 (DIST=)"
+    )
     p.add_argument("--effective-batch", type=int, default=16,
                    help="samples per optimizer step: micro-batch x accumulation")  # fmt: skip
     p.add_argument("--top", type=int, default=10, help="candidates to list")
@@ -1354,6 +1396,8 @@ def cli_plan(argv: list[str]) -> int:
             image_size=size,
             budget=budget,
             vision_no_grad=True if a.vision_no_grad else None,
+            nproc=a.nproc,
+            engine=a.engine,
         )
     except (_UsageError, registry.UnknownModelError, ValueError) as err:
         print(f"vlmfit plan: error: {err}", file=sys.stderr)
@@ -1368,6 +1412,8 @@ def cli_plan(argv: list[str]) -> int:
         margin=a.margin,
         lora_r=a.lora_r,
         effective_batch=a.effective_batch,
+        nproc=a.nproc,
+        engine=a.engine,
     )
     if a.json:
         print(
@@ -1442,7 +1488,20 @@ def worst_sample(folder) -> tuple[int, int]:
     return int(worst["total_after"]), int(worst["visual_after"])
 
 
+def _launch() -> tuple[int, str]:
+    """(processes, engine) of this launch, from accelerate's environment."""
+    import os
+
+    n = int(os.environ.get("WORLD_SIZE", "1"))
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        return n, "zero3"
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return n, "fsdp2"
+    return n, "ddp"
+
+
 def _cfg_estimate(cfg, sequence_tokens: int, visual_tokens: int) -> Estimate:
+    nproc, engine = _launch()
     return estimate(
         cfg.spec,
         finetune=cfg.finetune,
@@ -1456,6 +1515,8 @@ def _cfg_estimate(cfg, sequence_tokens: int, visual_tokens: int) -> Estimate:
         kbit_upcast=cfg.qlora_upcast,
         dpo=cfg.method == "dpo",
         qlora_vision_4bit=cfg.qlora_vision_4bit,
+        nproc=nproc,
+        engine=engine,
     )
 
 
