@@ -6,7 +6,7 @@
 # scripts/container_test.sh builds this same file with buildah on a local
 # Debian bookworm base (BASE_IMAGE=localhost/vlmfit-base:bookworm) and runs the
 # tests inside it: TORCH_VARIANT=cpu by default, TORCH_VARIANT=cuda for the GPU
-# image (6.42 GB, 250 s to build on 2 cores; torch loads CUDA 13, cuBLAS, cuDNN).
+# image (6.42 GB, ~5 min to build on 2 cores; torch loads CUDA 13, cuBLAS, cuDNN).
 
 # "base" flavour on purpose, not "cudnn-runtime": the torch wheels bring their
 # own CUDA 13 runtime, cuBLAS, cuDNN, NCCL... as nvidia-* wheels pinned in
