@@ -273,6 +273,7 @@ def end_to_end(case: dict, data: Path) -> dict:
         "max_steps": case["steps"],
         "logging_steps": 1,
         "save_steps": 10_000,
+        "overwrite": True,
         "lora_alpha": 16,
     }
     over |= case.get("over", {})

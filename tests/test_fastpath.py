@@ -264,3 +264,14 @@ def test_make_variables_coerce_by_each_fields_type():
     assert cfg.vision_no_grad is False and cfg.lora_dropout == 0.05 and cfg.max_image_tokens == 256
     with pytest.raises(ValueError, match="lora_r: expected int"):
         resolve({"lora_r": "sixteen"})
+
+
+def test_a_run_is_never_replaced_silently(shapes, tiny_cache, tmp_path):
+    from vlmfit.runs import RunExistsError
+
+    cfg = _cfg(shapes, tmp_path, model="tiny-smolvlm", max_steps=1)
+    train.run(cfg, progress=False)
+    with pytest.raises(RunExistsError, match="OVERWRITE=1"):
+        train.run(cfg, progress=False)
+    cfg.overwrite = True
+    assert train.run(cfg, progress=False)["global_step"] == 1

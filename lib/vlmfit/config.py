@@ -75,6 +75,7 @@ class RunConfig:
     save_steps: int = 50  # checkpoint every N optimizer steps (resume with RESUME=1)
     save_total_limit: int = 2
     resume: bool = False
+    overwrite: bool = False  # True: replace runs/<run>/ when it holds a run (OVERWRITE=1)
     # DPO
     beta: float = 0.1
     # Data on a budget (vlmfit.budget.Budget)

@@ -357,6 +357,7 @@ def _metrics_callback(log: runs.MetricsLog):
                 self.steps, self.waits = [], []
                 log.write(
                     {"step": state.global_step, "epoch": state.epoch, "time": time.time()}
+                    | {"max_steps": state.max_steps}
                     | {k: float(v) for k, v in logs.items() if isinstance(v, int | float)}
                     | timing
                     | memory_now()
@@ -433,7 +434,7 @@ def build_trainer(
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=processor,
-        callbacks=[_metrics_callback(log)],
+        callbacks=[_metrics_callback(log), *_tensorboard(out)],
     )
     if optimizer is not None:
         kwargs["optimizers"] = (optimizer, None)
@@ -445,6 +446,18 @@ def build_trainer(
 
         trainer.remove_callback(PrinterCallback)
     return trainer
+
+
+def _tensorboard(out: Path) -> list:
+    """TensorBoard event files in ``runs/<run>/tensorboard`` when tensorboard is installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        return []
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+
+    return [TensorBoardCallback(SummaryWriter(str(out / "tensorboard")))]
 
 
 def save_model(model, processor, out: Path) -> Path:
@@ -472,10 +485,8 @@ def run(cfg: RunConfig, origin: dict[str, str] | None = None, *, progress: bool 
         hf_logging.disable_progress_bar()  # "Writing model shards" bars at every checkpoint
     out = runs.run_dir(cfg.runs_dir, cfg.run_id)
     main = distributed.is_main()  # every rank trains; rank 0 alone writes the run folder
-    if main:
-        if out.exists() and not cfg.resume:
-            shutil.rmtree(out)  # a fresh run of the same id replaces the old one
-        out.mkdir(parents=True, exist_ok=True)
+    if main:  # never replaces a run silently: RESUME=1, OVERWRITE=1 or another RUN
+        runs.prepare_run_dir(out, resume=cfg.resume, overwrite=cfg.overwrite)
     distributed.barrier()
     allocator = fastpath.set_allocator(cfg.expandable_segments)  # before the first allocation
     # Data first: bad data or DPO on non-preference data fails before the model loads.
@@ -543,6 +554,8 @@ def run(cfg: RunConfig, origin: dict[str, str] | None = None, *, progress: bool 
     if cfg.resume:
         ck = runs.last_checkpoint(out)
         resume_from = str(ck) if ck else None
+    # DPO: reward accuracy and margins on the held-out pairs before training, to compare
+    dpo_before = trainer.evaluate() if eval_ds is not None and resume_from is None else {}
     if torch.cuda.is_available():  # the training peak, without loading and evaluation
         torch.cuda.reset_peak_memory_stats()
     t1 = time.time()
@@ -603,6 +616,9 @@ def run(cfg: RunConfig, origin: dict[str, str] | None = None, *, progress: bool 
         "eval_before": before["metrics"],
         "eval_after": after["metrics"],
         "dpo_eval": {k: float(v) for k, v in dpo_eval.items() if isinstance(v, int | float)},
+        "dpo_eval_before": {
+            k: float(v) for k, v in dpo_before.items() if isinstance(v, int | float)
+        },
     }
     if distributed.is_distributed():
         summary |= {"processes": distributed.world_size(), "engine": engine}
@@ -611,6 +627,7 @@ def run(cfg: RunConfig, origin: dict[str, str] | None = None, *, progress: bool 
     if main:
         runs.write_json(out / "eval.json", {"before": before, "after": after})
         runs.write_json(out / "summary.json", summary)
+        runs.apply_umask(out)  # weights and checkpoints readable as the user's other files
     distributed.barrier()  # no rank exits (ending the launch) before the files exist
     return summary
 
