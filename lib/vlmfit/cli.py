@@ -156,7 +156,7 @@ def train_help() -> str:
 
     comments = config_comments()
     lines = [
-        "usage: vlmfit train [--FIELD VALUE ...] [--overwrite]",
+        "usage: vlmfit train [--FIELD VALUE ...] [--overwrite [true]]",
         "       vlmfit train --merge RUN [--out FOLDER]",
         "",
         "SFT or DPO outside the notebooks, with vlmfit.config.RunConfig fields as flags",
@@ -182,7 +182,6 @@ def train_help() -> str:
     lines += [
         "",
         "Other:",
-        f"  {'--overwrite':32} replace runs/<run>/ when it already holds a run",
         f"  {'--merge RUN':32} merge RUN's LoRA adapter into its base model",
         f"  {'--out FOLDER':32} where --merge writes (default runs/RUN/merged)",
     ]
