@@ -222,13 +222,13 @@ check-reports: env ## Check $(REPORTS) in headless chromium: pages load, images 
 test-gpu: env ## GPU-marked tests (skipped with a reason where CUDA is absent)
 	$(PY) -m pytest -q -m gpu tests
 
-lint: env ## ruff lint + format check over lib/, tests/, notebooks/ and scripts/
-	$(PY) -m ruff check lib tests notebooks scripts
-	$(PY) -m ruff format --check lib tests notebooks scripts
+lint: env ## ruff lint + format check over lib/, tests/, notebooks/, scripts/ and benchmarks/
+	$(PY) -m ruff check lib tests notebooks scripts benchmarks
+	$(PY) -m ruff format --check lib tests notebooks scripts benchmarks
 
 format: env ## ruff format + autofix
-	$(PY) -m ruff format lib tests notebooks scripts
-	$(PY) -m ruff check --fix lib tests notebooks scripts
+	$(PY) -m ruff format lib tests notebooks scripts benchmarks
+	$(PY) -m ruff check --fix lib tests notebooks scripts benchmarks
 
 image: ## Build the container image (docker, or buildah where no Docker engine runs)
 	@if command -v docker >/dev/null && docker info >/dev/null 2>&1; then \

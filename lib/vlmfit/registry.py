@@ -282,8 +282,7 @@ def get(name: str) -> ModelSpec:
     close = difflib.get_close_matches(name, list(MODELS), n=1, cutoff=0.6)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     raise UnknownModelError(
-        f"unknown model {name!r}{hint}; choose one of: {', '.join(MODELS)} "
-        "(or a registered hub id)"
+        f"unknown model {name!r}{hint}; choose one of: {', '.join(MODELS)} (or a registered hub id)"
     )
 
 
