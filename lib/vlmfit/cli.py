@@ -87,36 +87,6 @@ def both_spellings() -> Iterator[None]:
 # ---------------------------------------------------------------------- vlmfit train
 
 
-# Meanings of the RunConfig fields that carry no trailing comment in config.py (the comment,
-# when there is one, wins: config.py is the one place that should hold them all).
-FIELD_HELP = {
-    "method": "sft | dpo",
-    "runs_dir": "folder of run folders",
-    "lora_r": "LoRA rank: adapter size and capacity",
-    "lora_alpha": "LoRA scale (alpha / r multiplies the update)",
-    "init_lora_weights": "default (B = 0: starts as the base) | gaussian",
-    "learning_rate": "peak learning rate (cosine schedule after warm-up)",
-    "num_train_epochs": "passes over the training data (when max_steps is -1)",
-    "max_steps": "optimizer steps (-1: num_train_epochs passes)",
-    "per_device_train_batch_size": "micro-batch; memory grows with it",
-    "gradient_accumulation_steps": "effective batch = micro-batch x this, no extra memory",
-    "warmup_ratio": "share of the steps spent warming the learning rate up",
-    "lr_scheduler_type": "transformers scheduler name: cosine, linear, constant...",
-    "weight_decay": "AdamW weight decay",
-    "max_grad_norm": "gradient clipping norm",
-    "seed": "seeds data order and initialisation",
-    "logging_steps": "metrics.jsonl gets a line every N optimizer steps",
-    "save_total_limit": "checkpoints kept (oldest deleted)",
-    "resume": "True: continue this run from its last checkpoint (RESUME=1)",
-    "beta": "DPO temperature: higher stays closer to the reference",
-    "max_image_tokens": "visual tokens per image (None: the processor default)",
-    "eval_max_new_tokens": "tokens generated per held-out answer",
-    "eval_batch_size": "held-out samples per generation batch",
-    "finetune": "lora | qlora (4-bit NF4, CUDA) | full | projector",
-    "overlength": "samples over max_length: drop them, or shrink their images",
-}
-
-
 def config_comments() -> dict[str, tuple[str, str]]:
     """``{field: (section, comment)}`` from RunConfig's source: the comment inside each
     field's statement (trailing, or inside its parentheses), the section from the last
@@ -166,7 +136,6 @@ def train_help() -> str:
     section = None
     for f in dataclasses.fields(RunConfig):
         sec, meaning = comments.get(f.name, ("", ""))
-        meaning = meaning or FIELD_HELP.get(f.name, "")
         if sec != section:
             section = sec
             lines += ["", f"{sec or 'Fields'}:"]

@@ -24,7 +24,7 @@ class RunConfig:
     model: str = "smolvlm"  # registry name (vlmfit.registry); tiny-* run offline
     weights: str = "hub"  # hub | random (published architecture, random weights) | a local folder
     revision: str | None = None  # hub revision (commit sha) overriding the registry's pin
-    method: Literal["sft", "dpo"] = "sft"
+    method: Literal["sft", "dpo"] = "sft"  # sft | dpo
     data: str = "data/shapes/sft_train.json"  # any supported format (vlmfit.data.formats)
     eval_data: str | None = "data/shapes/sft_test.json"  # held-out split for generation eval
     dataset_split: str = (
@@ -33,30 +33,30 @@ class RunConfig:
     eval_split: str = "test"  # split of EVAL_DATA / PREFERENCE_EVAL_DATA when they are folders
     preference_eval_data: str | None = None  # DPO: held-out pairs for reward accuracy / margins
     run: str | None = None  # run id: runs/<run>/ (default: <method>-<model>)
-    runs_dir: str = "runs"
+    runs_dir: str = "runs"  # folder of run folders
     init_adapter: str | None = None  # DPO: start from this SFT run's adapter (run id or folder)
     # How much trains
-    finetune: Literal["lora", "qlora", "full", "projector"] = "lora"
+    finetune: Literal["lora", "qlora", "full", "projector"] = "lora"  # qlora: 4-bit NF4, CUDA
     train_vision: bool = False  # vision tower (LoRA on it with lora/qlora; full weights with full)
     train_projector: bool = False  # projector / connector (fully trained, saved with the adapter)
     train_language: bool = True  # language model (LoRA or full)
-    lora_r: int = 16
-    lora_alpha: int = 32
+    lora_r: int = 16  # LoRA rank: adapter size and capacity
+    lora_alpha: int = 32  # LoRA scale (alpha / r multiplies the update)
     lora_dropout: float = 0.0  # 0: no dropout pass per adapter (faster); 0.05 regularises
     use_dora: bool = False  # DoRA: +quality at low rank, ~1.3-2x slower steps
     use_rslora: bool = False  # rank-stabilised scaling alpha/sqrt(r)
-    init_lora_weights: Literal["default", "gaussian"] = "default"
+    init_lora_weights: Literal["default", "gaussian"] = "default"  # default: B = 0
     # Optimisation (transformers.TrainingArguments names)
-    learning_rate: float = 2e-4
+    learning_rate: float = 2e-4  # peak learning rate (cosine schedule after warm-up)
     projector_learning_rate: float | None = None  # separate LR for embeddings / projector
-    num_train_epochs: float = 1.0
-    max_steps: int = -1
-    per_device_train_batch_size: int = 4
-    gradient_accumulation_steps: int = 1
-    warmup_ratio: float = 0.05
-    lr_scheduler_type: str = "cosine"
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    num_train_epochs: float = 1.0  # passes over the training data (when max_steps is -1)
+    max_steps: int = -1  # optimizer steps (-1: num_train_epochs passes)
+    per_device_train_batch_size: int = 4  # micro-batch; memory grows with it
+    gradient_accumulation_steps: int = 1  # effective batch = micro-batch x this, no extra memory
+    warmup_ratio: float = 0.05  # share of the steps spent warming the learning rate up
+    lr_scheduler_type: str = "cosine"  # transformers scheduler name: cosine, linear, constant...
+    weight_decay: float = 0.0  # AdamW weight decay
+    max_grad_norm: float = 1.0  # gradient clipping norm
     gradient_checkpointing: bool = True  # True reduces activation memory, ~20-30% slower
     # Fast-path levers (vlmfit.fastpath; what each buys: docs/benchmarks.md)
     vision_no_grad: bool = True  # frozen vision tower without autograd: exact, less memory, faster
@@ -70,23 +70,23 @@ class RunConfig:
     train_sampling_strategy: str = "group_by_length"  # less padding; "random": plain shuffling
     dataloader_prefetch_factor: int = 2  # batches each worker prepares ahead (with workers > 0)
     bf16: bool | None = None  # None: on when the GPU supports it
-    seed: int = 0
-    logging_steps: int = 5
+    seed: int = 0  # seeds data order and initialisation
+    logging_steps: int = 5  # metrics.jsonl gets a line every N optimizer steps
     save_steps: int = 50  # checkpoint every N optimizer steps (resume with RESUME=1)
-    save_total_limit: int = 2
-    resume: bool = False
+    save_total_limit: int = 2  # checkpoints kept (oldest deleted)
+    resume: bool = False  # True: continue this run from its last checkpoint (RESUME=1)
     overwrite: bool = False  # True: replace runs/<run>/ when it holds a run (OVERWRITE=1)
     # DPO
-    beta: float = 0.1
+    beta: float = 0.1  # DPO temperature: higher stays closer to the reference
     # Data on a budget (vlmfit.budget.Budget)
-    max_image_tokens: int | None = None
+    max_image_tokens: int | None = None  # visual tokens per image (None: the processor default)
     max_length: int = 2048  # tokens per sample, text + visual, after the chat template
-    overlength: Literal["drop", "shrink"] = "drop"
+    overlength: Literal["drop", "shrink"] = "drop"  # over max_length: drop, or shrink images
     processor_kwargs: dict[str, Any] = field(default_factory=dict)  # from preprocessing's manifest
     # Evaluation
-    eval_max_new_tokens: int = 16
+    eval_max_new_tokens: int = 16  # tokens generated per held-out answer
     eval_limit: int | None = None  # evaluate on the first N held-out samples
-    eval_batch_size: int = 16
+    eval_batch_size: int = 16  # held-out samples per generation batch
     dataloader_num_workers: int | None = None  # None: auto (CUDA: cores - 2, up to 16; CPU: 0)
 
     @property
