@@ -207,3 +207,23 @@ def test_apply_umask_fixes_what_writers_left_private(tmp_path, umask):
     assert runs.apply_umask(run) >= 2
     assert _mode(weights) == 0o644 and _mode(private) == 0o755 and _mode(script) == 0o755
     assert runs.apply_umask(run) == 0, "idempotent"
+
+
+def test_generated_data_and_caches_get_the_users_umask(tmp_path, monkeypatch):
+    """mkdtemp folders are 0700; the bundled dataset and the preprocessing cache are
+    renamed from them, so they must be opened up to the umask first."""
+    import os
+    import stat
+
+    from vlmfit import preprocess
+    from vlmfit.data import synth
+
+    monkeypatch.chdir(tmp_path)
+    old = os.umask(0o022)
+    try:
+        synth.generate("shapes", seed=0, n_train=4, n_test=12, n_dpo_train=4, n_dpo_test=12)
+        res = preprocess.preprocess("shapes/sft_train.json", "tiny-qwen2-vl", progress=False)
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "shapes", res.path):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o755, path

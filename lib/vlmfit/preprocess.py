@@ -65,7 +65,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmfit import budget as B
-from vlmfit import registry
+from vlmfit import registry, runs
 from vlmfit.budget import Budget
 from vlmfit.data import media
 from vlmfit.records import DataError, MediaRef, Problem, Record, count_parts
@@ -774,6 +774,7 @@ def preprocess(
     # 5. decode / resize / save into a temporary folder, then rename it into place
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{fp}.tmp-", dir=root))
+    tmp.chmod(0o777 & ~runs.umask())  # mkdtemp makes 0700: the user's umask instead
     try:
         result = _build(
             tmp,

@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from vlmfit import runs
 from vlmfit.registry import CONFIG_DIR, Family, ModelSpec
 
 # Bump when the tiny builders change: cached tiny models are rebuilt.
@@ -231,6 +232,7 @@ def _atomic_save(build, out: Path) -> Path:
     """Run ``build(tmpdir)`` then rename into place, so a killed build leaves nothing half-made."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o777 & ~runs.umask())  # mkdtemp makes 0700: the user's umask instead
     try:
         build(tmp)
         if out.exists():

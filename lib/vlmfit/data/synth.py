@@ -56,6 +56,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from vlmfit import runs
+
 __all__ = [
     "ANSWERS",
     "COLOURS",
@@ -392,6 +394,7 @@ def generate(
     started = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o777 & ~runs.umask())  # mkdtemp makes 0700: the user's umask instead
     try:
         (tmp / "images").mkdir()
         seen: set[bytes] = set()
