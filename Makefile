@@ -17,6 +17,7 @@ MODEL ?= smolvlm#               registry name (python -m vlmfit tokens --help li
 WEIGHTS ?= hub#                 hub | random (published architecture, random weights) | a model folder
 REVISION ?=#                    hub revision (branch, tag or commit) for sft/dpo; empty: the registry's (main)
 DATA ?= data/shapes/sft_train.json#  training data, any supported format (file or folder)
+SPLIT ?= train#                 dataset split of DATA / DPO_DATA when a folder or DatasetDict (all: every one)
 FINETUNE ?= lora#               lora | qlora (4-bit NF4, CUDA) | full | projector
 MAX_IMAGE_TOKENS ?= 0#          visual-token budget per image (0: the processor default)
 MAX_STEPS ?= -1#                optimizer steps (-1: EPOCHS passes over DATA)
@@ -43,7 +44,7 @@ NNODES ?= 1#                    machines; each runs the same make line with its 
 NODE_RANK ?= 0#                 this machine's rank, 0..NNODES-1
 MAIN_ADDR ?=#                   address of machine 0, reachable from every machine (NNODES>1)
 MAIN_PORT ?= 29500#             a free TCP port on machine 0 (NNODES>1)
-DIALS := MODEL WEIGHTS REVISION DATA FINETUNE MAX_IMAGE_TOKENS MAX_STEPS EPOCHS RUN RESUME \
+DIALS := MODEL WEIGHTS REVISION DATA SPLIT FINETUNE MAX_IMAGE_TOKENS MAX_STEPS EPOCHS RUN RESUME \
          OVERWRITE DPO PARAMS NPROC DIST
 MORE_DIALS := EVAL_DATA DPO_DATA PREF_EVAL_DATA REPORTS GPU_GIB LAB_IP LAB_PORT PYTHON \
          PYTHON_VERSION WHEELS SYSTEM_SITE NNODES NODE_RANK MAIN_ADDR MAIN_PORT
@@ -72,12 +73,12 @@ param_args = $(foreach p,$(PARAMS),-p $(firstword $(subst =, ,$(p))) $(patsubst 
 # Single-quoted for the shell.
 shq = '$(subst ','\'',$(1))'
 NB_FLAGS = --reports $(REPORTS) $(if $(filter 1,$(OVERWRITE)),--overwrite,)
-PRE_ARGS = -p data $(DATA) -p model $(MODEL) -p weights $(WEIGHTS) -p max_image_tokens $(MAX_IMAGE_TOKENS)
-SFT_ARGS = -p model $(MODEL) -p weights $(WEIGHTS) -p data $(DATA) -p eval_data $(EVAL_DATA) \
+PRE_ARGS = -p data $(DATA) -p split $(SPLIT) -p model $(MODEL) -p weights $(WEIGHTS) -p max_image_tokens $(MAX_IMAGE_TOKENS)
+SFT_ARGS = -p model $(MODEL) -p weights $(WEIGHTS) -p data $(DATA) -p dataset_split $(SPLIT) -p eval_data $(EVAL_DATA) \
   -p run $(SFT_RUN) -p finetune $(FINETUNE) -p max_steps $(MAX_STEPS) \
   -p num_train_epochs $(EPOCHS) -p resume $(RESUME) -p max_image_tokens $(MAX_IMAGE_TOKENS) \
   $(if $(REVISION),-p revision $(REVISION),) $(param_args)
-DPO_ARGS = -p model $(MODEL) -p weights $(WEIGHTS) -p data $(DPO_DATA) -p eval_data $(EVAL_DATA) \
+DPO_ARGS = -p model $(MODEL) -p weights $(WEIGHTS) -p data $(DPO_DATA) -p dataset_split $(SPLIT) -p eval_data $(EVAL_DATA) \
   -p preference_eval_data $(PREF_EVAL_DATA) -p run $(DPO_RUN) \
   -p init_adapter $(if $(INIT),$(INIT),$(SFT_RUN)) -p finetune $(DPO_FINETUNE) \
   -p max_steps $(MAX_STEPS) -p resume $(RESUME) $(if $(REVISION),-p revision $(REVISION),) $(param_args)
@@ -89,12 +90,12 @@ LAUNCH = $(PY) -m vlmfit.distributed --nproc $(NPROC) --dist $(DIST) \
   $(if $(filter-out 1,$(NNODES)),--nnodes $(NNODES) --node-rank $(NODE_RANK) \
   --main-address $(MAIN_ADDR) --main-port $(MAIN_PORT),) $(if $(filter 1,$(OVERWRITE)),--overwrite,) --
 param_flags = $(foreach p,$(PARAMS),--$(firstword $(subst =, ,$(p))) $(patsubst $(firstword $(subst =, ,$(p)))=%,%,$(p)))
-SFT_FLAGS = --method sft --model $(MODEL) --weights $(WEIGHTS) --data $(DATA) \
+SFT_FLAGS = --method sft --model $(MODEL) --weights $(WEIGHTS) --data $(DATA) --dataset-split $(SPLIT) \
   --eval-data $(or $(EVAL_DATA),none) --run $(SFT_RUN) --finetune $(FINETUNE) \
   --max-steps $(MAX_STEPS) --num-train-epochs $(EPOCHS) --resume $(RESUME) \
   $(if $(filter-out 0,$(MAX_IMAGE_TOKENS)),--max-image-tokens $(MAX_IMAGE_TOKENS),) \
   $(if $(REVISION),--revision $(REVISION),) $(param_flags)
-DPO_FLAGS = --method dpo --model $(MODEL) --weights $(WEIGHTS) --data $(DPO_DATA) \
+DPO_FLAGS = --method dpo --model $(MODEL) --weights $(WEIGHTS) --data $(DPO_DATA) --dataset-split $(SPLIT) \
   --eval-data $(or $(EVAL_DATA),none) --preference-eval-data $(or $(PREF_EVAL_DATA),none) \
   --run $(DPO_RUN) --init-adapter $(if $(INIT),$(INIT),$(SFT_RUN)) --finetune $(DPO_FINETUNE) \
   --max-steps $(MAX_STEPS) --resume $(RESUME) $(if $(REVISION),--revision $(REVISION),) $(param_flags)

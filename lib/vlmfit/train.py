@@ -126,7 +126,7 @@ def prepare_data(
             budget=Budget(max_image_tokens=cfg.max_image_tokens),
             max_length=cfg.max_length,
             overlength=cfg.overlength,
-            split=split,
+            split=None if split == "all" else split,
             progress=progress,
         ).path
     if not cfg.processor_kwargs:
