@@ -50,3 +50,13 @@ def tiny_cache(tmp_path_factory):
 
     tiny.DEFAULT_CACHE = type(tiny.DEFAULT_CACHE)(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory):
+    """The bundled shapes dataset, small: 24 SFT and 16 DPO training samples, 12 held out."""
+    from vlmfit.data import synth
+
+    out = tmp_path_factory.mktemp("shapes") / "shapes"
+    synth.generate(out, seed=0, n_train=24, n_test=12, n_dpo_train=16, n_dpo_test=12)
+    return out

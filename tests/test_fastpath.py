@@ -19,16 +19,8 @@ import torch
 
 from vlmfit import fastpath, train
 from vlmfit.config import resolve
-from vlmfit.data import synth
 
 TINY = ["tiny-smolvlm", "tiny-qwen2-vl", "tiny-qwen2.5-vl"]
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shapes") / "shapes"
-    synth.generate(out, seed=0, n_train=16, n_test=12, n_dpo_train=8, n_dpo_test=12)
-    return out
 
 
 def _cfg(shapes, tmp_path, **kw):

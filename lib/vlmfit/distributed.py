@@ -168,11 +168,19 @@ class SampleLog:
         return self.collator(examples)
 
 
+def launch_engine() -> str:
+    """``ddp``, ``fsdp2`` or ``zero3``: what accelerate tells the ranks through the
+    environment (``ddp`` in one process too)."""
+    if is_distributed() and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        return "zero3"
+    if is_distributed() and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return "fsdp2"
+    return "ddp"
+
+
 def sharded() -> bool:
-    """Launched with FSDP or DeepSpeed (accelerate tells the ranks through the environment):
-    weights and optimizer states are divided over the GPUs."""
-    env = ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")
-    return is_distributed() and any(os.environ.get(k, "").lower() == "true" for k in env)
+    """Launched with FSDP or DeepSpeed: weights and optimizer states are divided over GPUs."""
+    return launch_engine() != "ddp"
 
 
 def engine(trainer) -> str:

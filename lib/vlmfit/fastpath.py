@@ -48,6 +48,12 @@ def _no_grad_forward(module: torch.nn.Module) -> None:
             sub.gradient_checkpointing = False
 
 
+def vision_runs_without_grad(cfg) -> bool:
+    """The lever applies when the vision tower is frozen (``finetune=projector`` freezes it
+    whatever ``train_vision`` says)."""
+    return cfg.vision_no_grad and not (cfg.train_vision and cfg.finetune != "projector")
+
+
 def frozen_vision_parts(model, spec: ModelSpec) -> list[tuple[str, torch.nn.Module]]:
     """The vision modules that run before the projector, by name (PEFT wrappers too).
 

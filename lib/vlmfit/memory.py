@@ -1488,20 +1488,9 @@ def worst_sample(folder) -> tuple[int, int]:
     return int(worst["total_after"]), int(worst["visual_after"])
 
 
-def _launch() -> tuple[int, str]:
-    """(processes, engine) of this launch, from accelerate's environment."""
-    import os
-
-    n = int(os.environ.get("WORLD_SIZE", "1"))
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        return n, "zero3"
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
-        return n, "fsdp2"
-    return n, "ddp"
-
-
 def _cfg_estimate(cfg, sequence_tokens: int, visual_tokens: int) -> Estimate:
-    nproc, engine = _launch()
+    from vlmfit import distributed, fastpath
+
     return estimate(
         cfg.spec,
         finetune=cfg.finetune,
@@ -1510,13 +1499,13 @@ def _cfg_estimate(cfg, sequence_tokens: int, visual_tokens: int) -> Estimate:
         text_tokens=max(0, sequence_tokens - visual_tokens),
         visual_tokens=visual_tokens,
         gradient_checkpointing=cfg.gradient_checkpointing,
-        vision_no_grad=cfg.vision_no_grad and not cfg.train_vision,
+        vision_no_grad=fastpath.vision_runs_without_grad(cfg),
         lora_dropout=cfg.lora_dropout > 0,
         kbit_upcast=cfg.qlora_upcast,
         dpo=cfg.method == "dpo",
         qlora_vision_4bit=cfg.qlora_vision_4bit,
-        nproc=nproc,
-        engine=engine,
+        nproc=distributed.world_size(),
+        engine=distributed.launch_engine(),
     )
 
 
@@ -1613,9 +1602,13 @@ def step_callback(path):
     from vlmfit.runs import MetricsLog
 
     class MemoryPerStep(TrainerCallback):
+        """Rows are kept in memory and written at each log and at the end: no file I/O on
+        the steps in between."""
+
         def __init__(self):
             self.log = MetricsLog(path)
             self.peak = 0.0
+            self.rows: list[dict[str, Any]] = []
 
         def on_step_end(self, args, state, control, **kwargs):
             if not state.is_world_process_zero:
@@ -1632,6 +1625,17 @@ def step_callback(path):
                 peak = _rss() / GIB
                 row = {"mem_rss_gib": peak}
             self.peak = max(self.peak, peak)
-            self.log.write({"step": state.global_step} | row)
+            self.rows.append({"step": state.global_step} | row)
+
+        def flush(self) -> None:
+            if self.rows:
+                self.log.write_many(self.rows)
+                self.rows = []
+
+        def on_log(self, args, state, control, **kwargs):
+            self.flush()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.flush()
 
     return MemoryPerStep()

@@ -184,8 +184,12 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, record: dict[str, Any]) -> None:
+        self.write_many([record])
+
+    def write_many(self, records: list[dict[str, Any]]) -> None:
+        """Append records with one open and one fsync."""
         with self.path.open("a") as f:
-            f.write(json.dumps(record, default=float) + "\n")
+            f.write("".join(json.dumps(r, default=float) + "\n" for r in records))
             f.flush()
             os.fsync(f.fileno())
 

@@ -91,8 +91,7 @@ def use_preprocessed(cfg: RunConfig, result) -> RunConfig:
     pre-resized images are a fixed point of its own resize, with ``max_pixels`` as guard.
     """
     cfg.data = str(result.records_path)
-    manifest = runs.read_json(Path(result.path) / "manifest.json")
-    cfg.processor_kwargs = dict(manifest.get("processor_kwargs") or {})
+    cfg.processor_kwargs = dict(result.manifest.get("processor_kwargs") or {})
     return cfg
 
 
@@ -119,7 +118,7 @@ def prepare_data(
         from vlmfit import preprocess
         from vlmfit.budget import Budget
 
-        folder = preprocess.preprocess(
+        result = preprocess.preprocess(
             data,
             cfg.model,
             weights=cfg.weights,
@@ -128,11 +127,13 @@ def prepare_data(
             overlength=cfg.overlength,
             split=None if split == "all" else split,
             progress=progress,
-        ).path
+        )
+        folder, manifest = Path(result.path), result.manifest
+    else:
+        manifest = runs.read_json(folder / "manifest.json")
     if not cfg.processor_kwargs:
-        manifest = runs.read_json(Path(folder) / "manifest.json")
         cfg.processor_kwargs = dict(manifest.get("processor_kwargs") or {})
-    return Path(folder)
+    return folder
 
 
 def load_prepared(folder: Path, *, preference: bool):
@@ -283,7 +284,7 @@ def build_model(cfg: RunConfig):
         else:
             model = get_peft_model(model, lora_config(cfg, model, spec))
     vision_parts: list[str] = []
-    if cfg.vision_no_grad and not (cfg.train_vision and cfg.finetune != "projector"):
+    if fastpath.vision_runs_without_grad(cfg):
         vision_parts = fastpath.vision_without_autograd(model, spec)
     model.vlmfit_vision_no_grad = vision_parts
     return model, processor
