@@ -113,6 +113,23 @@ SUITES["probe"] = [  # one lever, end to end: the Trainer's autocast off on Smol
     {"path": "vlmfit", "model": "smolvlm", "finetune": "lora", "mb": 4, "steps": 30,
      "over": {"autocast": False}},
 ]  # fmt: skip
+# One lever at a time on the 7B GPU loop (mb 4): the ladder of docs/benchmarks.md
+_OFF = {"vision_no_grad": False, "vision_attention": "sdpa", "lora_dropout": 0.05,
+        "expandable_segments": False}  # fmt: skip
+_7B = {"path": "vlmfit-loop", "model": "qwen2.5-vl-7b", "finetune": "lora", "mb": 4}
+SUITES["ladder"] = [
+    {**_7B, "path": "plain"},
+    {**_7B, "fused": False, "over": _OFF, "step": "plain levers through build_model"},
+    {**_7B, "over": _OFF, "step": "+ fused LM head"},
+    {**_7B, "over": _OFF | {"lora_dropout": 0.0}, "step": "+ LoRA dropout 0"},
+    {**_7B, "over": _OFF | {"lora_dropout": 0.0, "vision_no_grad": True},
+     "step": "+ vision tower without autograd"},
+    {**_7B, "over": {"expandable_segments": False}, "step": "+ varlen vision attention"},
+    {**_7B, "step": "+ expandable segments (all defaults)"},
+    {**_7B, "path": "vlmfit", "steps": 14, "step": "+ end to end (TRL SFTTrainer, workers)"},
+    {**_7B, "path": "vlmfit", "steps": 14, "over": {"activation_offloading": True},
+     "step": "+ activation offloading"},
+]  # fmt: skip
 SUITES["all"] = [c for k in ("smolvlm", "qwen7b", "qwen7b-qlora") for c in SUITES[k]]
 
 
@@ -201,56 +218,74 @@ def _plain_model(cfg):
     return get_peft_model(model, lcfg), processor
 
 
-def gpu_loop(case: dict, data: Path, steps: int = 6, warmup: int = 2) -> dict:
+def loop_setup(case: dict, data: Path):
+    """The model of ``case["path"]`` on one prebuilt batch: (model, batch, step, cfg), where
+    ``step()`` runs forward, backward and AdamW once. ``case["over"]`` sets RunConfig fields
+    (vlmfit's path); ``case["fused"] = False`` scores through the full logits instead."""
     import torch
 
     from vlmfit import train
     from vlmfit.config import resolve
 
-    cfg, _ = resolve(
-        {
-            "model": case["model"],
-            "weights": "random",
-            "finetune": case["finetune"],
-            "per_device_train_batch_size": case["mb"],
-            "lora_alpha": 16,
-        }
-    )
-    torch.cuda.reset_peak_memory_stats()
+    over = {
+        "model": case["model"],
+        "weights": "random",
+        "finetune": case["finetune"],
+        "per_device_train_batch_size": case["mb"],
+        "lora_alpha": 16,
+    }
+    cfg, _ = resolve(over | case.get("over", {}))
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a smoke test with tiny models
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    fused = False
     if case["path"] == "plain":
         model, processor = _plain_model(cfg)
-        fused = False
     else:
-        from trl.trainer.utils import add_fused_lm_head
-
         from vlmfit import fastpath
 
         fastpath.set_allocator(cfg.expandable_segments)
         model, processor = train.build_model(cfg)
-        add_fused_lm_head(model.get_base_model())
-        fused = True
+        if case.get("fused", True):
+            from trl.trainer.utils import add_fused_lm_head
+
+            add_fused_lm_head(model.get_base_model())
+            fused = True
     batch = _batch(cfg, processor, data, case["mb"])
     batch = {
-        k: v.to("cuda", dtype=torch.bfloat16) if v.is_floating_point() else v.to("cuda")
+        k: v.to(dev, dtype=next(model.parameters()).dtype) if v.is_floating_point() else v.to(dev)
         for k, v in batch.items()
     }
-    tokens = int(batch["attention_mask"].sum())
     model.train()  # as Trainer does: from_pretrained models are in eval mode (no checkpointing)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        loss = model(**batch, fused_lm_head=True).loss if fused else model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return model, batch, step, cfg
+
+
+def gpu_loop(case: dict, data: Path, steps: int = 6, warmup: int = 2) -> dict:
+    import torch
+
+    model, batch, step, cfg = loop_setup(case, data)
+    tokens = int(batch["attention_mask"].sum())
     times = []
     torch.cuda.reset_peak_memory_stats()
     for i in range(warmup + steps):
         torch.cuda.synchronize()
         t = time.perf_counter()
-        loss = model(**batch, fused_lm_head=True).loss if fused else model(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        step()
         torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - t)
     step_s = sorted(times)[len(times) // 2]
-    return _row(case, cfg, model, tokens / step_s, case["mb"] / step_s, tokens / case["mb"])
+    row = _row(case, cfg, model, tokens / step_s, case["mb"] / step_s, tokens / case["mb"])
+    row["vision_attention"] = getattr(model, "vlmfit_vision_attention", None)
+    return row
 
 
 def end_to_end(case: dict, data: Path) -> dict:

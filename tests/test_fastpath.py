@@ -267,3 +267,55 @@ def test_a_run_is_never_replaced_silently(shapes, tiny_cache, tmp_path):
         train.run(cfg, progress=False)
     cfg.overwrite = True
     assert train.run(cfg, progress=False)["global_step"] == 1
+
+
+def _segment_sdpa(q, k, v, cu, max_len, scale):
+    """A reference for the fused kernel: SDPA over each segment, (tokens, heads, dim)."""
+    out = [
+        torch.nn.functional.scaled_dot_product_attention(
+            *(t[a:b].transpose(0, 1) for t in (q, k, v)), scale=scale
+        ).transpose(0, 1)
+        for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True)
+    ]
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen2-vl", "tiny-qwen2.5-vl"])
+def test_vision_attention_in_one_call_per_block_equals_the_per_window_path(
+    name, shapes, tiny_cache, tmp_path, monkeypatch
+):
+    """With vision_attention=varlen the vision tower calls one kernel per block with every
+    window's boundaries, and computes what transformers' per-window SDPA computes. (The
+    CUDA kernel itself is compared on the GPU: tests/test_bench_fastpath.py.)"""
+    calls: list[int] = []
+
+    def kernel(q, k, v, cu, max_len, scale):
+        calls.append(len(cu) - 1)
+        assert cu.dtype == torch.int32 and max_len == int((cu[1:] - cu[:-1]).max())
+        return _segment_sdpa(q, k, v, cu, max_len, scale)
+
+    monkeypatch.setattr(fastpath, "varlen_available", lambda device=None: None)
+    monkeypatch.setattr(fastpath, "_varlen_kernel", kernel)
+    outs = {}
+    for kind in ("sdpa", "varlen"):
+        cfg = _cfg(shapes, tmp_path, model=name, vision_attention=kind)
+        model, processor = _build(cfg)
+        assert model.vlmfit_vision_attention == kind
+        batch = _batch(cfg, model, processor, shapes)
+        vision = model.get_base_model().model.visual
+        n_blocks = len(vision.blocks)
+        with torch.no_grad():
+            outs[kind] = vision(batch["pixel_values"], grid_thw=batch["image_grid_thw"])
+        outs[kind] = getattr(outs[kind], "pooler_output", outs[kind])
+    assert len(calls) == n_blocks, "one fused call per vision block, not one per window"
+    assert max(calls) > 1, "the batch's windows (or images) went into one call"
+    torch.testing.assert_close(outs["varlen"], outs["sdpa"], rtol=1e-5, atol=1e-5)
+
+
+def test_vision_attention_falls_back_to_sdpa_and_says_why(shapes, tiny_cache, tmp_path):
+    cfg = _cfg(shapes, tmp_path, model="tiny-qwen2-vl")  # the default: varlen
+    model, _ = _build(cfg)
+    assert model.vlmfit_vision_attention.startswith("sdpa (")  # no CUDA here
+    cfg = _cfg(shapes, tmp_path, model="tiny-smolvlm")
+    model, _ = _build(cfg)
+    assert model.vlmfit_vision_attention == "sdpa (batched tiles: nothing to fuse)"

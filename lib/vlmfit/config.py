@@ -64,6 +64,7 @@ class RunConfig:
     qlora_upcast: bool = False  # True: PEFT's kbit prep: fp32 unquantized weights (more GiB)
     activation_offloading: bool = False  # True: checkpoints to pinned CPU memory (less GPU, PCIe)
     attn_implementation: str = "sdpa"  # sdpa | eager | flex_attention | flash_attention_2
+    vision_attention: Literal["varlen", "sdpa"] = "varlen"  # Qwen: all windows in 1 kernel, not 81
     autocast: bool = True  # Trainer's bf16 autocast; False: no per-op casts (unmeasured lever)
     memory_check: bool = True  # refuse before loading a config predicted not to fit this GPU
     expandable_segments: bool = True  # CUDA allocator grows segments: less fragmentation

@@ -20,6 +20,10 @@ records which ran in the run's ``summary.json``. What each buys is measured by
   fragmenting on the variable shapes of image batches.
 - The logits are never materialized: TRL's SFT and DPO trainers compute the loss through
   their chunked ``fused_lm_head`` (``trl.trainer.utils.add_fused_lm_head``).
+- ``vision_attention="varlen"``: Qwen's vision tower attends within windows of 64 patches
+  (and within each image in its full-attention blocks). With SDPA transformers splits the
+  sequence and calls attention once per window (81 calls per 1000x1000 image and block);
+  torch's ``varlen_attn`` (flash / cuDNN) does every window of the batch in one kernel.
 """
 
 from __future__ import annotations
@@ -46,6 +50,68 @@ def _no_grad_forward(module: torch.nn.Module) -> None:
     for sub in module.modules():  # recomputing what stores nothing would only cost time
         if getattr(sub, "gradient_checkpointing", False):
             sub.gradient_checkpointing = False
+
+
+#: Registered with transformers' AttentionInterface. "flash" in the name makes Qwen's vision
+#: attention pass ``cu_seqlens`` (one call) instead of splitting per window.
+VARLEN_ATTENTION = "vlmfit_flash_varlen"
+
+
+def _varlen_kernel(q, k, v, cu_seqlens, max_seqlen, scale):
+    """torch's fused variable-length attention (CUDA, sm80+) on (tokens, heads, dim)."""
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
+
+    kw = {"scale": scale} if "scale" in inspect.signature(varlen_attn).parameters else {}
+    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kw)
+
+
+def _varlen_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
+                      cu_seq_lens_q=None, max_length_q=None, is_causal=False, **_):  # fmt: skip
+    """transformers attention function: (1, heads, tokens, dim) in, (1, tokens, heads, dim)
+    out, over the segments ``cu_seq_lens_q`` delimits (non-causal, no mask)."""
+    if attention_mask is not None or is_causal or cu_seq_lens_q is None or dropout:
+        raise ValueError(f"{VARLEN_ATTENTION} serves non-causal vision windows only")
+    q, k, v = (t.squeeze(0).transpose(0, 1) for t in (query, key, value))
+    cu = cu_seq_lens_q.to(torch.int32)
+    max_len = int(max_length_q) if max_length_q is not None else int((cu[1:] - cu[:-1]).max())
+    return _varlen_kernel(q, k, v, cu, max_len, scaling).unsqueeze(0), None
+
+
+def varlen_available(device: torch.device | str | None = None) -> str | None:
+    """None when torch's varlen attention runs here, else why not."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return f"torch {torch.__version__} has no torch.nn.attention.varlen"
+    if not torch.cuda.is_available() or torch.device(device or "cuda").type != "cuda":
+        return "needs a CUDA GPU"
+    if torch.cuda.get_device_capability() < (8, 0):
+        return "needs an Ampere or newer GPU (flash attention)"
+    return None
+
+
+def set_vision_attention(model, spec: ModelSpec, kind: str) -> str:
+    """Point the vision tower of a Qwen model at one fused kernel over all its windows.
+
+    Returns what runs: ``varlen``, or ``sdpa (why)`` where varlen cannot (SmolVLM's tower
+    attends per tile in one batched call already; no CUDA; old torch)."""
+    if kind != "varlen":
+        return kind
+    if spec.family.name not in ("qwen2_vl", "qwen2_5_vl"):
+        return "sdpa (batched tiles: nothing to fuse)"
+    device = next(model.parameters()).device
+    why = varlen_available(device)
+    if why:
+        return f"sdpa ({why})"
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(VARLEN_ATTENTION, _varlen_attention)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    vision = base.model.visual if hasattr(base.model, "visual") else base.visual
+    vision.config._attn_implementation = VARLEN_ATTENTION
+    return "varlen"
 
 
 def vision_runs_without_grad(cfg) -> bool:
@@ -203,7 +269,7 @@ def mfu(tokens_per_s: float, n_language: int, device_name: str | None) -> float 
 
 
 def applied_levers(
-    cfg, *, vision_parts: list[str], workers: int, allocator: bool
+    cfg, *, vision_parts: list[str], workers: int, allocator: bool, vision_attention: str = "sdpa"
 ) -> dict[str, Any]:
     """What ran, for summary.json and the report."""
     return {
@@ -220,6 +286,7 @@ def applied_levers(
         "train_sampling_strategy": cfg.train_sampling_strategy,
         "expandable_segments": allocator,
         "attn_implementation": cfg.attn_implementation,
+        "vision_attention": vision_attention,
         "autocast": cfg.autocast,
         "per_device_train_batch_size": cfg.per_device_train_batch_size,
         "max_image_tokens": cfg.max_image_tokens,

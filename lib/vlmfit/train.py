@@ -287,6 +287,7 @@ def build_model(cfg: RunConfig):
     if fastpath.vision_runs_without_grad(cfg):
         vision_parts = fastpath.vision_without_autograd(model, spec)
     model.vlmfit_vision_no_grad = vision_parts
+    model.vlmfit_vision_attention = fastpath.set_vision_attention(model, spec, cfg.vision_attention)
     return model, processor
 
 
@@ -617,6 +618,7 @@ def run(cfg: RunConfig, origin: dict[str, str] | None = None, *, progress: bool 
             vision_parts=getattr(model, "vlmfit_vision_no_grad", []),
             workers=trainer.args.dataloader_num_workers,
             allocator=allocator,
+            vision_attention=getattr(model, "vlmfit_vision_attention", "sdpa"),
         ),
         "device": env["gpu"] or "cpu",
         "eval_before": before["metrics"],
