@@ -130,6 +130,11 @@ SUITES["ladder"] = [
     {**_7B, "path": "vlmfit", "steps": 14, "over": {"activation_offloading": True},
      "step": "+ activation offloading"},
 ]  # fmt: skip
+SUITES["smol-probe"] = [  # SmolVLM end to end: where the time goes besides the GPU loop
+    {"path": "vlmfit", "model": "smolvlm", "finetune": "lora", "mb": 4, "steps": 40},
+    {"path": "vlmfit", "model": "smolvlm", "finetune": "lora", "mb": 4, "steps": 40,
+     "over": {"autocast": False}},
+]  # fmt: skip
 SUITES["all"] = [c for k in ("smolvlm", "qwen7b", "qwen7b-qlora") for c in SUITES[k]]
 
 
