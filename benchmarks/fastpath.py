@@ -380,28 +380,41 @@ def versions() -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    head = "| model | method | path | mb | peak GiB | reserved GiB | tokens/s | samples/s | MFU | vs plain |"
-    lines = [head, "|" + "---|" * 10]
-    base = {}
+    """Markdown table. "vs plain": tokens/s over the plain row of the same model and method;
+    "vs unsloth": a vlmfit row over the Unsloth row of the same model, method, kind (GPU loop
+    vs loop, end to end vs end to end) and micro-batch."""
+    head = (
+        "| model | method | path | mb | peak GiB | reserved GiB | tokens/s | samples/s | MFU "
+        "| vs plain | vs unsloth |"
+    )
+    lines = [head, "|" + "---|" * 11]
+    base, unsloth = {}, {}
     for r in rows:
         if r.get("path", "").startswith("plain") and "error" not in r:
             base[(r["model"], r["finetune"], "dpo" in r["path"])] = r
+        if r.get("path", "").startswith("unsloth") and "error" not in r:
+            unsloth[(r["model"], r["finetune"], r["path"].endswith("-loop"), r["mb"])] = r
     for r in rows:
         method = ("dpo " if "dpo" in r["path"] else "") + r["finetune"]
         if "error" in r:
             lines.append(
-                f"| {r['model']} | {method} | {r['path']} | {r['mb']} | {r['error']} |||||"
+                f"| {r['model']} | {method} | {r['path']} | {r['mb']} | {r['error']} |" + " |" * 6
             )
             continue
         b = base.get((r["model"], r["finetune"], "dpo" in r["path"]))
         ratio = f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}x" if b else "-"
+        u = None
+        if r["path"] in ("vlmfit", "vlmfit-loop"):
+            u = unsloth.get((r["model"], r["finetune"], r["path"].endswith("-loop"), r["mb"]))
+        vs_u = f"{r['tokens_per_s'] / u['tokens_per_s']:.2f}x" if u else "-"
         sps = f"{r['samples_per_s']:.2f}" if r.get("samples_per_s") else "-"
         if not r.get("samples_per_s") and r.get("tokens_per_sample"):
             sps = f"{r['tokens_per_s'] / r['tokens_per_sample']:.2f}"
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
         lines.append(
             f"| {r['model']} | {method} | {r['path']} | {r['mb']} | {r['peak_gib']:.2f} | "
-            f"{r['reserved_gib']:.2f} | {r['tokens_per_s']:,.0f} | {sps} | {mfu} | {ratio} |"
+            f"{r['reserved_gib']:.2f} | {r['tokens_per_s']:,.0f} | {sps} | {mfu} | {ratio} | "
+            f"{vs_u} |"
         )
     return "\n".join(lines)
 
@@ -451,16 +464,13 @@ def main(argv: list[str] | None = None) -> int:
         if "error" in row:
             print(proc.stderr[-3000:], file=sys.stderr)
         print(json.dumps(row), flush=True)
-    # Unsloth needs its own environment (its pins clash with the lock). Driving it from
-    # here is not written yet: its rows say so, and docs/benchmarks.md quotes its
-    # published figures from the reference probes instead.
-    why = (
-        "not run: UNSLOTH_PYTHON is set, but this script does not drive Unsloth yet"
-        if os.environ.get("UNSLOTH_PYTHON")
-        else "not run (no Unsloth environment: UNSLOTH_PYTHON unset)"
-    )
-    for m in sorted({c["model"] for c in SUITES[a.suite]}):
-        rows.append({"model": m, "finetune": "lora", "path": "unsloth", "mb": "-", "error": why})
+    # Unsloth runs in its own environment (its pins clash with the lock): UNSLOTH_PYTHON,
+    # each case in a fresh process of it (benchmarks/unsloth_driver.py); unset, its rows
+    # say "not run".
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import unsloth_driver
+
+    rows += unsloth_driver.run_rows(SUITES[a.suite], work, out)
     result = {
         "suite": a.suite,
         "versions": versions(),
