@@ -140,7 +140,8 @@ L448, L1000, L1600 = (448, 448), (1000, 1000), (1600, 1200)
 
 
 def sweep_cases() -> list[dict[str, Any]]:
-    """The GPU configurations: 37 over five models (8 of them Qwen2.5-VL-7B), 7 DPO."""
+    """The GPU configurations: 38 over five models (8 of them Qwen2.5-VL-7B), 7 DPO; two
+    through ``train.run`` (one repeats a trainer-path case: the two paths should agree)."""
     c = case
     return [
         # SmolVLM-256M: every image is upscaled to 2048 px (17 tiles) unless the budget says
@@ -154,6 +155,7 @@ def sweep_cases() -> list[dict[str, Any]]:
         c("smolvlm", "projector", L1000, 4),
         c("smolvlm", "lora", L1000, 2, kind="dpo", path="run"),  # through train.run
         c("smolvlm", "lora", L448, 1, kind="dpo", ckpt=False),
+        c("smolvlm", "lora", L1000, 4, path="run", extra=True),  # the first row, by train.run
         # SmolVLM-2B (Idefics3, 384 px tiles)
         c("smolvlm-2b", "lora", L1000, 1),
         c("smolvlm-2b", "lora", L1600, 2, ckpt=False),
@@ -198,6 +200,7 @@ def smoke_cases() -> list[dict[str, Any]]:
         c("tiny-qwen2.5-vl", "projector", (64, 64), 1),
         c("tiny-qwen2-vl", "lora", (64, 64), 1, kind="dpo"),
         c("tiny-smolvlm", "lora", (96, 72), 1, kind="dpo", ckpt=False, path="run"),
+        c("tiny-qwen2-vl", "lora", (64, 64), 2, path="run"),
     ]
 
 
