@@ -290,6 +290,7 @@ def test_vision_attention_in_one_call_per_block_equals_the_per_window_path(
     calls: list[int] = []
 
     def kernel(q, k, v, cu, max_len, scale):
+        assert q.dtype in (torch.float16, torch.bfloat16), "flash takes half precision only"
         calls.append(len(cu) - 1)
         assert cu.dtype == torch.int32 and max_len == int((cu[1:] - cu[:-1]).max())
         return _segment_sdpa(q, k, v, cu, max_len, scale)
@@ -309,7 +310,8 @@ def test_vision_attention_in_one_call_per_block_equals_the_per_window_path(
         outs[kind] = getattr(outs[kind], "pooler_output", outs[kind])
     assert len(calls) == n_blocks, "one fused call per vision block, not one per window"
     assert max(calls) > 1, "the batch's windows (or images) went into one call"
-    torch.testing.assert_close(outs["varlen"], outs["sdpa"], rtol=1e-5, atol=1e-5)
+    # the fp32 tiny tower goes through the kernel in bf16, as flash requires
+    torch.testing.assert_close(outs["varlen"], outs["sdpa"], rtol=2e-2, atol=2e-2)
 
 
 def test_vision_attention_falls_back_to_sdpa_and_says_why(shapes, tiny_cache, tmp_path):
@@ -319,3 +321,94 @@ def test_vision_attention_falls_back_to_sdpa_and_says_why(shapes, tiny_cache, tm
     cfg = _cfg(shapes, tmp_path, model="tiny-smolvlm")
     model, _ = _build(cfg)
     assert model.vlmfit_vision_attention == "sdpa (batched tiles: nothing to fuse)"
+
+
+class _TwoLinears(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q = torch.nn.Linear(32, 48, bias=False)
+        self.up = torch.nn.Linear(32, 64, bias=True)
+
+    def forward(self, x):
+        return self.q(x).sum(-1) + self.up(x).sum(-1)
+
+
+def _lora_pair(dtype, dropout=0.0):
+    """The same PEFT LoRA model twice (B non-zero), the second with fused LoRA."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = _TwoLinears().to(dtype)
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["q", "up"])
+    plain = get_peft_model(copy.deepcopy(base), cfg)
+    for n, p in plain.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.5)
+    fused = copy.deepcopy(plain)
+    assert fastpath.fuse_lora(fused) == 2
+    return plain, fused
+
+
+def _grads(model, x):
+    x = x.clone().requires_grad_(True)
+    out = model(x)
+    out.float().sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    return out, x.grad, grads
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_fused_lora_computes_what_peft_computes(autocast):
+    """Output, input gradient and adapter gradients equal PEFT's: exactly in fp32, within
+    bf16 rounding on bf16 weights under autocast (as the Trainer runs them)."""
+    dtype = torch.bfloat16 if autocast else torch.float32
+    plain, fused = _lora_pair(dtype)
+    x = torch.randn(2, 5, 32).to(dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        ref = _grads(plain, x)
+        got = _grads(fused, x)
+    tol = {"rtol": 2e-2, "atol": 2e-2} if autocast else {"rtol": 1e-5, "atol": 1e-6}
+    torch.testing.assert_close(got[0], ref[0], **tol)
+    torch.testing.assert_close(got[1], ref[1], **tol)
+    assert ref[2].keys() == got[2].keys() and len(got[2]) == 4
+    for n in ref[2]:
+        torch.testing.assert_close(got[2][n], ref[2][n], **tol, msg=n)
+
+
+def test_fused_lora_makes_no_copy_of_the_activation():
+    """PEFT casts each adapted layer's bf16 input to fp32 (and autocast casts it back);
+    the fused path converts only the small adapter weights."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Copies(TorchDispatchMode):
+        def __init__(self, numel):
+            super().__init__()
+            self.numel, self.seen = numel, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and args[0].numel() >= self.numel:
+                self.seen += 1
+            return func(*args, **(kwargs or {}))
+
+    plain, fused = _lora_pair(torch.bfloat16)
+    x = torch.randn(4, 64, 32, dtype=torch.bfloat16)
+    counts = {}
+    for name, model in (("peft", plain), ("fused", fused)):
+        with torch.autocast("cpu", dtype=torch.bfloat16), Copies(x.numel()) as mode:
+            model(x.requires_grad_(True)).sum().backward()
+        counts[name] = mode.seen
+    assert counts["peft"] >= 2 and counts["fused"] == 0, counts
+
+
+def test_fused_lora_leaves_disabled_dropout_and_merged_adapters_to_peft():
+    plain, fused = _lora_pair(torch.float32, dropout=0.1)
+    x = torch.randn(3, 32)
+    plain.eval(), fused.eval()  # dropout off at eval: PEFT's path, same result
+    torch.testing.assert_close(fused(x), plain(x))
+    plain, fused = _lora_pair(torch.float32)
+    with plain.disable_adapter(), fused.disable_adapter():  # DPO's reference model
+        torch.testing.assert_close(fused(x), plain(x))
+        torch.testing.assert_close(fused(x), plain.get_base_model()(x))
+    with_adapter = fused(x)
+    fused.merge_adapter()
+    torch.testing.assert_close(fused(x), with_adapter, rtol=1e-5, atol=1e-5)

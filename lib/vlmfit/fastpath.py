@@ -20,6 +20,12 @@ records which ran in the run's ``summary.json``. What each buys is measured by
   fragmenting on the variable shapes of image batches.
 - The logits are never materialized: TRL's SFT and DPO trainers compute the loss through
   their chunked ``fused_lm_head`` (``trl.trainer.utils.add_fused_lm_head``).
+- ``fused_lora``: PEFT's LoRA layer casts its input to the adapter's fp32 dtype (a full
+  copy of the activation, which autocast then copies back to bf16 for the matmul, and
+  stores per adapted layer), multiplies the output by the scale and adds it to the base
+  output: four passes over activations per layer and pass, 25-35% of a 7B step's GPU time
+  (docs/bench-raw/run5). Fused: ``addmm(base, x @ A.T, B.T, alpha=scale)`` on the layer's
+  own input, with the small adapter weights cast instead (what Unsloth's kernels do).
 - ``vision_attention="varlen"``: Qwen's vision tower attends within windows of 64 patches
   (and within each image in its full-attention blocks). With SDPA transformers splits the
   sequence and calls attention once per window (81 calls per 1000x1000 image and block);
@@ -76,7 +82,10 @@ def _varlen_attention(module, query, key, value, attention_mask=None, scaling=No
     q, k, v = (t.squeeze(0).transpose(0, 1) for t in (query, key, value))
     cu = cu_seq_lens_q.to(torch.int32)
     max_len = int(max_length_q) if max_length_q is not None else int((cu[1:] - cu[:-1]).max())
-    return _varlen_kernel(q, k, v, cu, max_len, scaling).unsqueeze(0), None
+    dtype = q.dtype  # flash / cuDNN take half precision only (Qwen2-VL's tower can run fp32)
+    if dtype not in (torch.float16, torch.bfloat16):
+        q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+    return _varlen_kernel(q, k, v, cu, max_len, scaling).to(dtype).unsqueeze(0), None
 
 
 def varlen_available(device: torch.device | str | None = None) -> str | None:
@@ -112,6 +121,48 @@ def set_vision_attention(model, spec: ModelSpec, kind: str) -> str:
     vision = base.model.visual if hasattr(base.model, "visual") else base.visual
     vision.config._attn_implementation = VARLEN_ATTENTION
     return "varlen"
+
+
+def _fused_lora_forward(self, x, *args, **kwargs):
+    """A PEFT LoRA linear's forward as one addmm; PEFT's own forward where that is not
+    plain LoRA (disabled or merged adapters, several adapters, DoRA, dropout, bias)."""
+    names = self.active_adapters
+    name = names[0] if len(names) == 1 else None
+    if (
+        args
+        or kwargs
+        or self.disable_adapters
+        or self.merged
+        or name not in self.lora_A
+        or name in getattr(self, "lora_variant", {})
+        or not isinstance(self.lora_dropout[name], torch.nn.Identity)
+        or getattr(self, "lora_bias", {}).get(name, False)
+    ):
+        return type(self).forward(self, x, *args, **kwargs)
+    result = self.base_layer(x)
+    dt = result.dtype
+    a = self.lora_A[name].weight.to(dt)
+    b = self.lora_B[name].weight.to(dt)
+    h = (x if x.dtype == dt else x.to(dt)).reshape(-1, x.shape[-1]) @ a.t()
+    out = torch.addmm(result.reshape(-1, result.shape[-1]), h, b.t(), alpha=self.scaling[name])
+    return out.view(result.shape)
+
+
+def fuse_lora(model) -> int:
+    """Route every plain LoRA linear of ``model`` through ``_fused_lora_forward`` (bound to
+    the module, so copies of the model stay consistent). Returns how many."""
+    import types
+
+    from peft.tuners.lora import LoraLayer
+
+    n = 0
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and isinstance(module, torch.nn.Module):
+            base = module.get_base_layer()
+            if isinstance(base, torch.nn.Linear):  # bnb's Linear4bit / 8bit subclass it
+                module.forward = types.MethodType(_fused_lora_forward, module)
+                n += 1
+    return n
 
 
 def vision_runs_without_grad(cfg) -> bool:
@@ -269,7 +320,13 @@ def mfu(tokens_per_s: float, n_language: int, device_name: str | None) -> float 
 
 
 def applied_levers(
-    cfg, *, vision_parts: list[str], workers: int, allocator: bool, vision_attention: str = "sdpa"
+    cfg,
+    *,
+    vision_parts: list[str],
+    workers: int,
+    allocator: bool,
+    vision_attention: str = "sdpa",
+    fused_lora: int = 0,
 ) -> dict[str, Any]:
     """What ran, for summary.json and the report."""
     return {
@@ -277,6 +334,7 @@ def applied_levers(
         "vision_no_grad_modules": vision_parts,
         "qlora_upcast": cfg.qlora_upcast if cfg.finetune == "qlora" else None,
         "lora_dropout": cfg.lora_dropout if cfg.finetune in ("lora", "qlora") else None,
+        "fused_lora_layers": fused_lora,
         "gradient_checkpointing": cfg.gradient_checkpointing,
         "activation_offloading": cfg.activation_offloading,
         "fused_lm_head": True,  # TRL's trainers always score through it

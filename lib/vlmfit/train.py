@@ -287,6 +287,7 @@ def build_model(cfg: RunConfig):
     if fastpath.vision_runs_without_grad(cfg):
         vision_parts = fastpath.vision_without_autograd(model, spec)
     model.vlmfit_vision_no_grad = vision_parts
+    model.vlmfit_fused_lora = fastpath.fuse_lora(model) if cfg.fused_lora else 0
     model.vlmfit_vision_attention = fastpath.set_vision_attention(model, spec, cfg.vision_attention)
     return model, processor
 
@@ -619,6 +620,7 @@ def run(cfg: RunConfig, origin: dict[str, str] | None = None, *, progress: bool 
             workers=trainer.args.dataloader_num_workers,
             allocator=allocator,
             vision_attention=getattr(model, "vlmfit_vision_attention", "sdpa"),
+            fused_lora=getattr(model, "vlmfit_fused_lora", 0),
         ),
         "device": env["gpu"] or "cpu",
         "eval_before": before["metrics"],
