@@ -14,8 +14,8 @@ the language model's linears, bf16, gradient checkpointing, AdamW. Paths:
 - ``vlmfit``: ``train.run`` end to end, as ``make train`` runs it (preprocessed cache,
   DataLoader workers, TRL's trainer);
 - ``plain-dpo`` / ``vlmfit-dpo``: TRL's DPOTrainer end to end, plain levers vs defaults;
-- ``unsloth``: rows say "not run"; driving Unsloth in its own environment
-  (``UNSLOTH_PYTHON``) is not written yet (docs/benchmarks.md quotes its reference figures).
+- ``unsloth`` / ``unsloth-loop``: Unsloth in its own environment when ``UNSLOTH_PYTHON`` is
+  set (``benchmarks/unsloth_driver.py``); the rows say "not run" otherwise.
 
 Each case runs in a fresh process (peak memory is the process's own). Prints one table
 (peak allocated / reserved GiB, tokens/s, samples/s, MFU, ratios) and writes
