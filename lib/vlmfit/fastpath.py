@@ -165,6 +165,23 @@ def fuse_lora(model) -> int:
     return n
 
 
+#: Language-model linear parameters from which ``activation_offloading=None`` offloads: the 7B
+#: measured -1.07 GiB at micro-batch 4 and no slower (docs/benchmarks.md, run 5). A small
+#: model's layers are too short to hide the copies (and its checkpoints are small).
+OFFLOAD_FROM_PARAMS = 1_000_000_000
+
+
+def offloads_activations(cfg) -> bool:
+    """Whether the checkpointed layer inputs go to pinned CPU memory (TRL's offloading)."""
+    if cfg.activation_offloading is not None:
+        return bool(cfg.activation_offloading)
+    from vlmfit import distributed, memory
+
+    if not (torch.cuda.is_available() and cfg.gradient_checkpointing) or distributed.sharded():
+        return False
+    return memory.arch(cfg.spec).lm_linear_params >= OFFLOAD_FROM_PARAMS
+
+
 def vision_runs_without_grad(cfg) -> bool:
     """The lever applies when the vision tower is frozen (``finetune=projector`` freezes it
     whatever ``train_vision`` says)."""
@@ -336,7 +353,7 @@ def applied_levers(
         "lora_dropout": cfg.lora_dropout if cfg.finetune in ("lora", "qlora") else None,
         "fused_lora_layers": fused_lora,
         "gradient_checkpointing": cfg.gradient_checkpointing,
-        "activation_offloading": cfg.activation_offloading,
+        "activation_offloading": offloads_activations(cfg),
         "fused_lm_head": True,  # TRL's trainers always score through it
         "dataloader_num_workers": workers,
         "dataloader_prefetch_factor": cfg.dataloader_prefetch_factor if workers else None,

@@ -376,9 +376,9 @@ def training_args(cfg: RunConfig, out: Path, n_train: int, progress: bool = True
     """TRL config (SFTConfig / DPOConfig) from the run configuration."""
     from trl import DPOConfig, SFTConfig
 
-    from vlmfit.fastpath import dataloader_workers
+    from vlmfit import fastpath
 
-    workers = dataloader_workers(cfg.dataloader_num_workers)
+    workers = fastpath.dataloader_workers(cfg.dataloader_num_workers)
     if cfg.dataloader_num_workers is None and distributed.is_distributed():
         # auto counts this machine's cores: its processes share them
         workers //= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -411,7 +411,7 @@ def training_args(cfg: RunConfig, out: Path, n_train: int, progress: bool = True
         dataloader_pin_memory=torch.cuda.is_available(),
         train_sampling_strategy=cfg.train_sampling_strategy,
         length_column_name="length",
-        activation_offloading=cfg.activation_offloading,
+        activation_offloading=fastpath.offloads_activations(cfg),
         use_cpu=not torch.cuda.is_available(),
         # Off in reports: in a notebook the Trainer prints a table row per log step (the
         # curves in the report show the same numbers as plots).
