@@ -135,18 +135,26 @@ SUITES["smol-probe"] = [  # SmolVLM end to end: where the time goes besides the 
     {"path": "vlmfit", "model": "smolvlm", "finetune": "lora", "mb": 4, "steps": 40,
      "over": {"autocast": False}},
 ]  # fmt: skip
+# Padding-free packing on answers of 20-400 words (end to end, the 7B and SmolVLM)
+SUITES["packing"] = [
+    {"path": "vlmfit", "model": m, "finetune": "lora", "mb": 4, "steps": s, "vary": True,
+     "over": {"packing": p, "train_sampling_strategy": "random"}}
+    for m, s in (("qwen2.5-vl-7b", 14), ("smolvlm", 40)) for p in (False, True)
+]  # fmt: skip
 SUITES["all"] = [c for k in ("smolvlm", "qwen7b", "qwen7b-qlora") for c in SUITES[k]]
 
 
 # ------------------------------------------------------------------------------ data
 
 
-def make_data(folder: Path, n: int, side: int = 1000, preference: bool = False) -> Path:
+def make_data(
+    folder: Path, n: int, side: int = 1000, preference: bool = False, vary: bool = False
+) -> Path:
     """``n`` samples of one ``side``-pixel photo-like JPEG and a long answer (LLaMA-Factory)."""
     import numpy as np
     from PIL import Image
 
-    name = "dpo.json" if preference else "train.json"
+    name = ("dpo" if preference else "train") + ("-vary" if vary else "") + ".json"
     out = folder / name
     if out.exists():
         return out
@@ -159,7 +167,8 @@ def make_data(folder: Path, n: int, side: int = 1000, preference: bool = False) 
         path = folder / "img" / f"{i}.jpg"
         if not path.exists():
             Image.fromarray(img.clip(0, 255).astype("uint8")).save(path, quality=90)
-        answer = " ".join(rng.choice(WORDS, 200))
+        # vary: 20 to 400 words, as real answers are (padding is then what packing removes)
+        answer = " ".join(rng.choice(WORDS, int(rng.integers(20, 401)) if vary else 200))
         user = {"role": "user", "content": "<image>Describe this picture in detail."}
         if preference:
             recs.append(
@@ -357,6 +366,7 @@ def run_case(case: dict, work: Path) -> dict:
     data = make_data(
         work / "data",
         n=max(64, case["mb"] * (case.get("steps", 8) + 2)),
+        vary=case.get("vary", False),
         preference=case["path"].endswith("dpo"),
     )
     if case["path"] in ("plain", "vlmfit-loop"):

@@ -63,13 +63,22 @@ def _no_grad_forward(module: torch.nn.Module) -> None:
 VARLEN_ATTENTION = "vlmfit_flash_varlen"
 
 
-def _varlen_kernel(q, k, v, cu_seqlens, max_seqlen, scale):
-    """torch's fused variable-length attention (CUDA, sm80+) on (tokens, heads, dim)."""
+def _varlen_kernel(q, k, v, cu_seqlens, max_seqlen, scale, causal=False):
+    """torch's fused variable-length attention (CUDA, sm80+) on (tokens, heads, dim); grouped
+    key / value heads are shared as SDPA's ``enable_gqa`` shares them."""
     import inspect
 
     from torch.nn.attention.varlen import varlen_attn
 
-    kw = {"scale": scale} if "scale" in inspect.signature(varlen_attn).parameters else {}
+    params = inspect.signature(varlen_attn).parameters
+    kw: dict[str, Any] = {"scale": scale} if "scale" in params else {}
+    if causal:  # torch 2.10-2.11: is_causal; later: window_size (left, right)
+        kw |= {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in params:
+            kw["enable_gqa"] = True
+        else:
+            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
     return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kw)
 
 
@@ -86,6 +95,35 @@ def _varlen_attention(module, query, key, value, attention_mask=None, scaling=No
     if dtype not in (torch.float16, torch.bfloat16):
         q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
     return _varlen_kernel(q, k, v, cu, max_len, scaling).to(dtype).unsqueeze(0), None
+
+
+#: The language model's attention under ``packing`` (vlmfit.packing): one causal varlen
+#: kernel over a packed row's samples; SDPA (and SDPA's masks) for every other batch.
+PACKED_ATTENTION = "vlmfit_packed_sdpa"
+
+
+def _packed_attention(module, query, key, value, attention_mask=None, dropout=0.0,
+                      scaling=None, vlmfit_packed=None, **kwargs):  # fmt: skip
+    if vlmfit_packed is None or dropout or query.shape[0] != 1:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    cu, max_len = vlmfit_packed
+    q, k, v = (t.squeeze(0).transpose(0, 1) for t in (query, key, value))
+    return _varlen_kernel(q, k, v, cu, max_len, scaling, causal=True).unsqueeze(0), None
+
+
+def set_packed_attention(model) -> None:
+    """The language model of ``model`` attends through ``_packed_attention``."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(PACKED_ATTENTION, _packed_attention)
+    AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.get_decoder().config._attn_implementation = PACKED_ATTENTION
 
 
 def varlen_available(device: torch.device | str | None = None) -> str | None:
@@ -344,6 +382,7 @@ def applied_levers(
     allocator: bool,
     vision_attention: str = "sdpa",
     fused_lora: int = 0,
+    packing: str | None = None,
 ) -> dict[str, Any]:
     """What ran, for summary.json and the report."""
     return {
@@ -352,6 +391,7 @@ def applied_levers(
         "qlora_upcast": cfg.qlora_upcast if cfg.finetune == "qlora" else None,
         "lora_dropout": cfg.lora_dropout if cfg.finetune in ("lora", "qlora") else None,
         "fused_lora_layers": fused_lora,
+        "packing": packing,
         "gradient_checkpointing": cfg.gradient_checkpointing,
         "activation_offloading": offloads_activations(cfg),
         "fused_lm_head": True,  # TRL's trainers always score through it

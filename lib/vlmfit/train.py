@@ -288,6 +288,13 @@ def build_model(cfg: RunConfig):
         vision_parts = fastpath.vision_without_autograd(model, spec)
     model.vlmfit_vision_no_grad = vision_parts
     model.vlmfit_fused_lora = fastpath.fuse_lora(model) if cfg.fused_lora else 0
+    model.vlmfit_packing = None
+    if cfg.packing and cfg.method == "sft":
+        from vlmfit import packing
+
+        why = fastpath.varlen_available(next(model.parameters()).device)
+        packing.enable(model, varlen=why is None)
+        model.vlmfit_packing = "varlen" if why is None else f"sdpa block mask ({why})"
     model.vlmfit_vision_attention = fastpath.set_vision_attention(model, spec, cfg.vision_attention)
     return model, processor
 
@@ -621,6 +628,7 @@ def run(cfg: RunConfig, origin: dict[str, str] | None = None, *, progress: bool 
             allocator=allocator,
             vision_attention=getattr(model, "vlmfit_vision_attention", "sdpa"),
             fused_lora=getattr(model, "vlmfit_fused_lora", 0),
+            packing=getattr(model, "vlmfit_packing", None),
         ),
         "device": env["gpu"] or "cpu",
         "eval_before": before["metrics"],
