@@ -41,3 +41,73 @@ def test_fast_path_beats_the_plain_recipe_on_the_gpu(tmp_path):
     plain, fast = rows["plain"], rows["vlmfit-loop"]
     assert fast["peak_gib"] <= 0.6 * plain["peak_gib"], rows
     assert fast["tokens_per_s"] >= 0.95 * plain["tokens_per_s"], rows
+
+
+def _gpu_or_skip():
+    import torch
+
+    from vlmfit import fastpath
+
+    why = fastpath.varlen_available("cuda") if torch.cuda.is_available() else "no CUDA GPU"
+    if why:
+        pytest.skip(f"torch's varlen attention: {why}")
+
+
+def test_varlen_kernels_compute_what_sdpa_computes_on_the_gpu():
+    """The real CUDA kernels behind vision_attention=varlen and packing: non-causal windows
+    and causal packed rows with grouped key / value heads, against SDPA per segment, in
+    bf16, forward and backward."""
+    import torch
+
+    from vlmfit import fastpath
+
+    _gpu_or_skip()
+    torch.manual_seed(0)
+    cu = torch.tensor([0, 64, 128, 300, 301, 512], dtype=torch.int32, device="cuda")
+    lens = (cu[1:] - cu[:-1]).tolist()
+    for causal, heads, kv in ((False, 16, 16), (True, 28, 4)):
+        q = torch.randn(512, heads, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        k, v = (torch.randn(512, kv, 128, device="cuda", dtype=torch.bfloat16,
+                            requires_grad=True) for _ in range(2))  # fmt: skip
+        got = fastpath._varlen_kernel(q, k, v, cu, max(lens), 128**-0.5, causal=causal)
+        ref = torch.cat([
+            torch.nn.functional.scaled_dot_product_attention(
+                q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1),
+                is_causal=causal, enable_gqa=kv != heads,
+            ).transpose(0, 1)
+            for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True)
+        ])  # fmt: skip
+        torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2)
+        g_got = torch.autograd.grad(got.float().square().sum(), (q, k, v))
+        g_ref = torch.autograd.grad(ref.float().square().sum(), (q, k, v))
+        for a, b in zip(g_got, g_ref, strict=True):
+            torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2)
+
+
+def test_packed_qwen_rows_train_like_padded_batches_on_the_gpu(tmp_path):
+    """Qwen2.5-VL-3B with random weights on the GPU: the packed row through the varlen
+    kernels gives the padded batch's loss within bf16 rounding."""
+    import torch
+    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+    from vlmfit import packing, train
+    from vlmfit.config import resolve
+
+    _gpu_or_skip()
+    bench = _bench()
+    data = bench.make_data(tmp_path / "data", n=8, side=448, vary=True)
+    cfg, _ = resolve({"model": "qwen2.5-vl-3b", "weights": "random", "data": str(data),
+                      "eval_data": None, "runs_dir": str(tmp_path / "runs")})  # fmt: skip
+    model, processor = train.build_model(cfg)
+    assert model.vlmfit_vision_attention == "varlen"
+    folder = train.prepare_data(cfg, str(data), progress=False)
+    ds = train.load_prepared(folder, preference=False)
+    batch = DataCollatorForVisionLanguageModeling(processor)([ds[i] for i in range(4)])
+    batch = {k: v.cuda() for k, v in batch.items()}
+    batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
+    model.train()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        ref = model(**batch).loss
+        packing.enable(model, varlen=True)
+        got = model(**batch).loss
+    torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2)
