@@ -195,7 +195,7 @@ index: env ## Rebuild reports/index.html linking every report and run
 merge: env ## Merge RUN's LoRA adapter into its base model (runs/RUN/merged)
 	@$(PY) -m vlmfit train --merge $(SFT_RUN)
 
-BENCH_SUITE ?= all#             benchmarks/fastpath.py suite: smolvlm | qwen7b | qwen7b-qlora | all
+BENCH_SUITE ?= all#             benchmarks/fastpath.py suite: smolvlm | qwen7b | qwen7b-qlora | ladder | packing | all
 
 bench: env ## Benchmarks: preprocessing images/s; on CUDA the fast-path table (docs/benchmarks.md) and GPU tests
 	$(PY) -m pytest -q -m "bench or gpu" -p no:cacheprovider tests --benchmarks

@@ -432,3 +432,38 @@ def test_activation_offloading_defaults_on_for_large_language_models_on_a_gpu(mo
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # sharded engines: not by default
     monkeypatch.setattr("vlmfit.distributed.is_distributed", lambda: True)
     assert not fastpath.offloads_activations(cfg("qwen2.5-vl-7b"))
+
+
+def test_autocast_is_off_where_fused_lora_already_computes_in_bf16(shapes, tiny_cache, tmp_path):
+    """None (the default): no autocast for LoRA / QLoRA with fused LoRA, whose loss and
+    gradients in bf16 match the autocast run's within bf16 rounding; on for full
+    fine-tuning and for PEFT's own LoRA forward; an explicit value wins."""
+    assert not fastpath.uses_autocast(resolve({"model": "smolvlm"})[0])
+    assert fastpath.uses_autocast(resolve({"model": "smolvlm", "finetune": "full"})[0])
+    assert fastpath.uses_autocast(resolve({"model": "smolvlm", "fused_lora": False})[0])
+    assert fastpath.uses_autocast(resolve({"model": "smolvlm", "autocast": True})[0])
+    cfg = _cfg(shapes, tmp_path, model="tiny-qwen2.5-vl")
+    model, processor = _build(cfg)
+    model.to(torch.bfloat16)  # as loaded on a GPU: bf16 weights, fp32 adapters
+    for n, p in model.named_parameters():
+        if "lora_" in n:
+            p.data = p.data.float()
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.02)
+    batch = _batch(cfg, model, processor, shapes)
+    batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
+    model.train()
+    runs = {}
+    for autocast in (True, False):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(**batch).loss
+        loss.backward()
+        grads = {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+        runs[autocast] = (loss.float(), grads)
+    torch.testing.assert_close(runs[False][0], runs[True][0], rtol=2e-2, atol=2e-2)
+    for n, g in runs[True][1].items():
+        assert (
+            torch.nn.functional.cosine_similarity(g.flatten(), runs[False][1][n].flatten(), 0)
+            > 0.99
+        ), n

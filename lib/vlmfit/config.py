@@ -67,7 +67,7 @@ class RunConfig:
     vision_attention: Literal["varlen", "sdpa"] = "varlen"  # Qwen: all windows in 1 kernel, not 81
     fused_lora: bool = True  # LoRA as one addmm on the bf16 input: no fp32 copies per layer
     packing: bool = False  # SFT: a batch as one padding-free row, per-sample attention (unmeasured)
-    autocast: bool = True  # Trainer's bf16 autocast; False: no per-op casts (unmeasured lever)
+    autocast: bool | None = None  # bf16 autocast; None: off for fused LoRA (casts done), else on
     memory_check: bool = True  # refuse before loading a config predicted not to fit this GPU
     expandable_segments: bool = True  # CUDA allocator grows segments: less fragmentation
     train_sampling_strategy: str = "group_by_length"  # less padding; "random": plain shuffling

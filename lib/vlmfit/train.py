@@ -401,8 +401,8 @@ def training_args(cfg: RunConfig, out: Path, n_train: int, progress: bool = True
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
         gradient_checkpointing=False,  # applied in build_model (non-reentrant), before PEFT
-        # autocast=False: bf16 weights without the Trainer's per-op casts (fp32 LoRA math)
-        bf16=_dtype(cfg) == torch.bfloat16 and cfg.autocast,
+        # no autocast: bf16 weights without the Trainer's per-op casts (fastpath.uses_autocast)
+        bf16=_dtype(cfg) == torch.bfloat16 and fastpath.uses_autocast(cfg),
         logging_steps=cfg.logging_steps,
         save_strategy="steps",
         save_steps=cfg.save_steps,
