@@ -60,6 +60,10 @@ WORDS = [
 # Overrides that turn vlmfit's defaults back into the plain TRL recipe (end to end).
 PLAIN = {
     "vision_no_grad": False,
+    "vision_attention": "sdpa",
+    "fused_lora": False,
+    "autocast": True,
+    "activation_offloading": False,
     "lora_dropout": 0.05,
     "dataloader_num_workers": 0,
     "train_sampling_strategy": "random",
