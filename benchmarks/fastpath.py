@@ -119,7 +119,7 @@ SUITES["probe"] = [  # one lever, end to end: the Trainer's autocast off on Smol
 ]  # fmt: skip
 # One lever at a time on the 7B GPU loop (mb 4): the ladder of docs/benchmarks.md
 _OFF = {"vision_no_grad": False, "vision_attention": "sdpa", "lora_dropout": 0.05,
-        "expandable_segments": False}  # fmt: skip
+        "expandable_segments": False, "fused_lora": False}  # fmt: skip
 _7B = {"path": "vlmfit-loop", "model": "qwen2.5-vl-7b", "finetune": "lora", "mb": 4}
 SUITES["ladder"] = [
     {**_7B, "path": "plain"},
@@ -128,11 +128,13 @@ SUITES["ladder"] = [
     {**_7B, "over": _OFF | {"lora_dropout": 0.0}, "step": "+ LoRA dropout 0"},
     {**_7B, "over": _OFF | {"lora_dropout": 0.0, "vision_no_grad": True},
      "step": "+ vision tower without autograd"},
-    {**_7B, "over": {"expandable_segments": False}, "step": "+ varlen vision attention"},
-    {**_7B, "step": "+ expandable segments (all defaults)"},
-    {**_7B, "path": "vlmfit", "steps": 14, "step": "+ end to end (TRL SFTTrainer, workers)"},
-    {**_7B, "path": "vlmfit", "steps": 14, "over": {"activation_offloading": True},
-     "step": "+ activation offloading"},
+    {**_7B, "over": {"expandable_segments": False, "fused_lora": False},
+     "step": "+ varlen vision attention"},
+    {**_7B, "over": {"expandable_segments": False}, "step": "+ fused LoRA"},
+    {**_7B, "step": "+ expandable segments (every default, GPU loop)"},
+    {**_7B, "path": "vlmfit", "steps": 14, "over": {"autocast": True, "activation_offloading": False},
+     "step": "end to end, with autocast and without offloading"},
+    {**_7B, "path": "vlmfit", "steps": 14, "step": "end to end, every default"},
 ]  # fmt: skip
 SUITES["smol-probe"] = [  # SmolVLM end to end: where the time goes besides the GPU loop
     {"path": "vlmfit", "model": "smolvlm", "finetune": "lora", "mb": 4, "steps": 40},
