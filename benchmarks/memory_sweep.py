@@ -207,8 +207,17 @@ def smoke_cases() -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------- prediction
 
 
-def estimate_args(c: dict[str, Any], text_tokens: int) -> dict[str, Any]:
-    """What ``python -m vlmfit estimate`` takes for case ``c`` (JSON-able)."""
+def estimate_args(
+    c: dict[str, Any],
+    text_tokens: int,
+    *,
+    fused_lora: bool = True,
+    activation_offloading: bool = False,
+    autocast: bool | None = None,
+) -> dict[str, Any]:
+    """What ``python -m vlmfit estimate`` takes for case ``c`` (JSON-able), with the levers
+    the run trained with (``RunConfig.fused_lora``, TRL's activation offloading and the
+    Trainer's autocast as ``vlmfit.fastpath`` resolves them; autocast None: its rule)."""
     return {
         "model": c["model"],
         "finetune": c["finetune"],
@@ -218,11 +227,17 @@ def estimate_args(c: dict[str, Any], text_tokens: int) -> dict[str, Any]:
         "max_image_tokens": c.get("max_image_tokens"),
         "gradient_checkpointing": bool(c["ckpt"]),
         "dpo": c["kind"] == "dpo",
+        "fused_lora": bool(fused_lora),
+        "activation_offloading": bool(activation_offloading),
+        "autocast": autocast,
     }
 
 
 def predict(args: dict[str, Any]):
-    """``memory.estimate`` from ``estimate_args`` (the default recipe: vlmfit's own path)."""
+    """``memory.estimate`` from ``estimate_args`` (the default recipe: vlmfit's own path).
+
+    Rows without ``fused_lora`` were measured before that lever existed (run 5, commit
+    d0f14c7's path): PEFT's own LoRA layer, so ``fused_lora=False``."""
     from vlmfit import memory
     from vlmfit.budget import Budget
 
@@ -230,6 +245,7 @@ def predict(args: dict[str, Any]):
     model = a.pop("model")
     mit = a.pop("max_image_tokens", None)
     a["image_size"] = tuple(a["image_size"])
+    a.setdefault("fused_lora", False)
     return memory.estimate(model, budget=Budget(max_image_tokens=mit) if mit else None, **a)
 
 
@@ -245,6 +261,14 @@ def estimate_command(args: dict[str, Any]) -> str:
         cmd += " --no-grad-ckpt"
     if args["dpo"]:
         cmd += " --dpo"
+    if not args.get("fused_lora", False):
+        cmd += " --no-fused-lora"
+    if args.get("activation_offloading"):
+        cmd += " --activation-offloading"
+    else:  # the CLI's default is vlmfit's rule (on for 1B+ language models)
+        cmd += " --no-activation-offloading"
+    if args.get("autocast") is not None:
+        cmd += f" --autocast {'on' if args['autocast'] else 'off'}"
     return cmd
 
 
@@ -531,7 +555,10 @@ def measure(c: dict[str, Any], work: Path, steps: int = 3, warmup: int = 1) -> d
     b = max(seen, key=lambda x: x["rows"] * x["seq"]) if seen else {}
     span = image_span(c)
     seq = b.get("seq", span + NOMINAL_TEXT_TOKENS)
-    args = estimate_args(c, max(0, seq - span))
+    from vlmfit import memory
+
+    levers = memory._cfg_levers(cfg) if hasattr(cfg, "fused_lora") else {"fused_lora": False}
+    args = estimate_args(c, max(0, seq - span), **levers)
     e = predict(args)
     return {
         **{k: v for k, v in c.items() if k != "est_s"},
@@ -622,10 +649,13 @@ def _fmt(v: float | None, spec: str = ".2f") -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
+    """Markdown rows; with ``--repredict``'s output, the run's own prediction beside."""
+    again = any(r.get("predicted_at_run_gib") is not None for r in rows)
+    extra_head, extra_rule = (" at the run GiB (error) |", "---|") if again else ("", "")
     lines = [
         "| model | method | image | mb | ckpt | kind | predicted GiB | measured GiB | "
-        "reserved GiB | error | tokens |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "reserved GiB | error |" + extra_head + " tokens |",
+        "|---|---|---|---|---|---|---|---|---|---|" + extra_rule + "---|",
     ]
     for r in rows:
         w, h = r["image"]
@@ -638,13 +668,20 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"{'on' if r['ckpt'] else 'off'} | {kind} | "
         )
         if r.get("error"):
-            lines.append(head + f"{_fmt(r.get('predicted_gib'))} | {r['error'][:90]} | | | |")
+            blank = " |" if again else ""
+            lines.append(
+                head + f"{_fmt(r.get('predicted_gib'))} | {r['error'][:90]} | | |{blank} |"
+            )
             continue
         err = _fmt(r.get("error_pct"), "+.1f") + ("%" if r.get("error_pct") is not None else "")
         tokens = f"{r.get('batch_rows') or '-'} x {r.get('sequence_tokens') or '-'}"
+        before = ""
+        if again:
+            e0 = r.get("error_at_run_pct")
+            before = f" {_fmt(r.get('predicted_at_run_gib'))} ({_fmt(e0, '+.1f')}%) |"
         lines.append(
             head + f"{_fmt(r['predicted_gib'])} | {_fmt(r.get('measured_gib'))} | "
-            f"{_fmt(r.get('reserved_gib'))} | {err} | {tokens} |"
+            f"{_fmt(r.get('reserved_gib'))} | {err} |{before} {tokens} |"
         )
     return "\n".join(lines)
 
@@ -670,6 +707,84 @@ def summary_text(s: dict[str, Any]) -> str:
         + ("met." if s["holds"] else "not met.")
     )
     return text
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    """``memory-validation.md``: the versions, the command, the table, the summary."""
+    rows = doc["rows"]
+    v = doc.get("versions") or {}
+    lib = ", ".join(f"{k} {v[k]}" for k in v if v[k])
+    g = doc.get("git") or {}
+    md = [
+        "# Memory: predicted against measured",
+        "",
+        f"GPU: {doc.get('gpu') or '-'}; {lib}; vlmfit commit {g.get('commit') or '-'}"
+        + (" (with uncommitted changes)" if g.get("dirty") else "")
+        + f"; {doc.get('started', '-')}.",
+        "",
+        f"Command: `{doc.get('command', '-')}`",
+        "",
+        f"Random weights; {doc.get('warmup')} warm-up + {doc.get('steps')} optimizer steps; "
+        "each configuration a fresh process on vlmfit's path (`train.build_model` with every "
+        "default lever + TRL's SFTTrainer / DPOTrainer from `train.build_trainer`; "
+        "`(train.run)`: through `train.run` itself). Measured = the largest per-step "
+        "`torch.cuda.max_memory_allocated` after the warm-up; predicted = "
+        "`memory.estimate` (each row's `estimate_command` in the JSON) with the batch's "
+        "text tokens. Tokens = rows x padded length of the largest batch (DPO: chosen + "
+        "rejected rows). Error = predicted / measured - 1.",
+    ]
+    if doc.get("repredicted"):
+        md += ["", f"Predicted again by the estimator as of {doc['repredicted']['at']} "
+               f"(`{doc['repredicted']['command']}`); each row keeps the prediction made at "
+               "the run (`predicted_at_run_gib`)."]  # fmt: skip
+    md += ["", table(rows), "", summary_text(doc["summary"])]
+    if doc.get("not_run"):
+        md += ["", "Not run (time budget): " + ", ".join(doc["not_run"]) + "."]
+    return "\n".join(md) + "\n"
+
+
+def write_outputs(out: Path, doc: dict[str, Any]) -> None:
+    """``out/memory-validation.json`` (atomically) and ``out/memory-validation.md``."""
+    tmp = out / ".memory-validation.json.tmp"
+    tmp.write_text(json.dumps(doc, indent=1))
+    tmp.rename(out / "memory-validation.json")
+    (out / "memory-validation.md").write_text(markdown(doc))
+
+
+def repredict(path: Path, out: Path) -> dict[str, Any]:
+    """Predict the measured rows of a validation JSON again with the estimator as it is now
+    and write ``out/memory-validation.{json,md}``; the source file is left as it is. The
+    measurements stay; ``predicted_gib``, ``error_pct``, the breakdown and the command are
+    the estimator's now, the run's own prediction is kept as ``predicted_at_run_gib`` /
+    ``error_at_run_pct``. Rows from before a lever existed count as without it
+    (``predict``: no ``fused_lora`` key = PEFT's LoRA layer)."""
+    doc = json.loads(path.read_text())
+    for r in doc["rows"]:
+        args = r.get("estimate_args")
+        r.setdefault("predicted_at_run_gib", r.get("predicted_gib"))
+        if not args:  # a row that failed: its prediction at the nominal text tokens
+            with contextlib.suppress(Exception):
+                r["predicted_gib"] = predict(
+                    estimate_args(r, NOMINAL_TEXT_TOKENS, fused_lora=False)
+                ).peak_gib
+            continue
+        r.setdefault("error_at_run_pct", r.get("error_pct"))
+        e = predict(args)
+        r["predicted_gib"] = e.peak_gib
+        r["peak_phase"] = e.peak_phase
+        r["breakdown_gib"] = {k: round(v, 3) for k, v in e.breakdown.items()}
+        r["predicted_weights_gib"] = e.weights_gib
+        r["estimate_command"] = estimate_command({"fused_lora": False, **args})
+        if r.get("measured_gib"):
+            r["error_pct"] = 100 * (e.peak_gib / r["measured_gib"] - 1)
+    doc["summary"] = summarize(doc["rows"])
+    doc["repredicted"] = {
+        "at": time.strftime("%Y-%m-%d"),
+        "command": f"python3 benchmarks/memory_sweep.py --repredict {path} --out {out}",
+        "git": git_state(),
+    }
+    write_outputs(out, doc)
+    return doc
 
 
 class Sweep:
@@ -782,37 +897,7 @@ class Sweep:
             "summary": s,
             "rows": rows,
         }
-        tmp = self.out / ".memory-validation.json.tmp"
-        tmp.write_text(json.dumps(doc, indent=1))
-        tmp.rename(self.out / "memory-validation.json")
-        v = self.meta["versions"]
-        lib = ", ".join(f"{k} {v[k]}" for k in v if v[k])
-        g = self.meta["git"]
-        md = [
-            "# Memory: predicted against measured",
-            "",
-            f"GPU: {gpu or '-'}; {lib}; vlmfit commit {g['commit'] or '-'}"
-            + (" (with uncommitted changes)" if g.get("dirty") else "")
-            + f"; {self.meta['started']}.",
-            "",
-            f"Command: `{self.meta['command']}`",
-            "",
-            f"Random weights; {self.a.warmup} warm-up + {self.a.steps} optimizer steps; each "
-            "configuration a fresh process on vlmfit's path (`train.build_model` with every "
-            "default lever + TRL's SFTTrainer / DPOTrainer from `train.build_trainer`; "
-            "`(train.run)`: through `train.run` itself). Measured = the largest per-step "
-            "`torch.cuda.max_memory_allocated` after the warm-up; predicted = "
-            "`memory.estimate` (each row's `estimate_command` in the JSON) with the batch's "
-            "text tokens. Tokens = rows x padded length of the largest batch (DPO: chosen + "
-            "rejected rows). Error = predicted / measured - 1.",
-            "",
-            table(rows),
-            "",
-            summary_text(s),
-        ]
-        if self.not_run:
-            md += ["", "Not run (time budget): " + ", ".join(self.not_run) + "."]
-        (self.out / "memory-validation.md").write_text("\n".join(md) + "\n")
+        write_outputs(self.out, doc)
         return doc
 
     def run(self, todo: list[dict[str, Any]], devices: list[str]) -> dict[str, Any]:
@@ -861,7 +946,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--out", default="results/memory", help="rows.jsonl, memory-validation.*")
+    ap.add_argument("--out", default=None,
+                    help="rows.jsonl, memory-validation.* (default results/memory)")  # fmt: skip
     ap.add_argument("--work", default="/tmp/vlmfit-memory-sweep", help="data, caches, runs")
     ap.add_argument("--gpus", type=int, default=None,
                     help="worker queues, one GPU each (default: torch.cuda.device_count())")  # fmt: skip
@@ -879,8 +965,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resume", action="store_true", help="keep OUT/rows.jsonl, run the rest")
     ap.add_argument("--steps", type=int, default=3, help="measured optimizer steps")
     ap.add_argument("--warmup", type=int, default=1, help="warm-up steps before them")
+    ap.add_argument("--repredict", metavar="JSON", default=None,
+                    help="predict a validation JSON's measured rows again with the estimator "
+                    "as it is now: OUT/memory-validation.{json,md}")  # fmt: skip
     ap.add_argument("--case", help=argparse.SUPPRESS)  # one case, in a child process
     a = ap.parse_args(argv)
+
+    if a.repredict:
+        if not a.out:
+            print("--repredict needs --out DIR (the source JSON is left as it is)", file=sys.stderr)
+            return 2
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        doc = repredict(Path(a.repredict), out)
+        print(table(doc["rows"]))
+        print()
+        print(summary_text(doc["summary"]))
+        return 0
+    a.out = a.out or "results/memory"
 
     if a.case:
         c = json.loads(a.case)

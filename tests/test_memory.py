@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -243,10 +244,11 @@ H200_MEASURED = [
 
 
 def _h200_estimate(recipe, model, finetune, mb, seq, kw):
+    """Measured before the fused LoRA lever existed: PEFT's own LoRA layer (fused_lora off)."""
     span = memory.estimate(model, text_tokens=0, image_size=(1000, 1000)).sequence_tokens
     return memory.estimate(
         model, finetune=finetune, micro_batch=mb, text_tokens=seq - span,
-        image_size=(1000, 1000), recipe=recipe, **kw,
+        image_size=(1000, 1000), recipe=recipe, fused_lora=False, **kw,
     )  # fmt: skip
 
 
@@ -260,6 +262,138 @@ def test_estimate_never_more_than_10_percent_under_the_h200_measurements(row):
     recipe, _, finetune, *_, kw = args
     if recipe == "vlmfit" and finetune == "lora" and not kw:
         assert e.peak_gib == pytest.approx(measured, rel=0.05), e.table()
+
+
+def _probe():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "memory_probe.py"
+    spec = importlib.util.spec_from_file_location("memory_probe", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallinfo2")
+@pytest.mark.parametrize("model", ["tiny-qwen2.5-vl", "tiny-qwen2-vl", "tiny-smolvlm"])
+def test_layer_terms_are_what_autograd_saves(model, tiny_cache):
+    """``memory.layer_bytes`` against every tensor autograd saves in one decoder layer
+    (benchmarks/memory_probe.py; the full-size models: docs/memory.md), to the byte."""
+    probe = _probe()
+    for mode in probe.MODES:
+        assert probe.layer_saved(model, mode) == probe.predicted_layer(model, mode), mode
+    assert probe.layer_saved(model, "peft", autocast=False) == probe.predicted_layer(
+        model, "peft", autocast=False
+    )
+
+
+def test_fused_lora_keeps_a_shared_input_once():
+    """PEFT's bf16 LoRA layer keeps a bf16 copy of its input per adapted linear (q, k, v,
+    gate, up: 5 x 2h; o: 2q; down: 2i); fused, q/k/v and gate/up keep their input once
+    (2 x 2h) and o reads the SDPA output. The vlmfit recipe defaults to fused, plain to PEFT."""
+    kw = dict(micro_batch=1, text_tokens=417, gradient_checkpointing=False)
+    peft = memory.estimate("qwen2.5-vl-7b", fused_lora=False, **kw)
+    fused = memory.estimate("qwen2.5-vl-7b", fused_lora=True, **kw)
+    a = memory.arch(registry.get("qwen2.5-vl-7b"))
+    per_token = (6 * a.hidden + 2 * a.q_width) * a.layers  # bytes a token, all layers
+    saved = peft.breakdown["activations (LM)"] - fused.breakdown["activations (LM)"]
+    assert saved == pytest.approx(per_token * peft.sequence_tokens / 2**30, rel=1e-6)
+    assert memory.estimate("qwen2.5-vl-7b").fused_lora  # vlmfit's default path
+    assert not memory.estimate("qwen2.5-vl-7b", recipe="plain").fused_lora
+    # checkpointing: one recomputed layer, and PEFT's fp32 copy of down's input in flight
+    on_peft = memory.estimate("qwen2.5-vl-7b", fused_lora=False)
+    on_fused = memory.estimate("qwen2.5-vl-7b")
+    assert on_fused.peak_gib < on_peft.peak_gib
+    # 4-bit layers keep their shared input under autocast already: the lever changes nothing
+    q1 = memory.estimate("qwen2.5-vl-7b", finetune="qlora", fused_lora=False)
+    q2 = memory.estimate("qwen2.5-vl-7b", finetune="qlora", fused_lora=True)
+    assert q1.peak_gib == pytest.approx(q2.peak_gib)
+
+
+def test_activation_offloading_matches_the_measured_point():
+    """docs/bench-raw/run5/ladder.jsonl: Qwen2.5-VL-7B LoRA mb 4, 1000x1000, 1717 tokens a
+    sample, end to end (PEFT's LoRA layer): 20.03 GiB, 18.96 GiB with activation offloading
+    (TRL keeps the last 5 checkpointed inputs on the GPU)."""
+    span = memory.estimate("qwen2.5-vl-7b", text_tokens=0).sequence_tokens
+    kw = dict(micro_batch=4, text_tokens=1717 - span, fused_lora=False)
+    without = memory.estimate("qwen2.5-vl-7b", **kw)
+    offloaded = memory.estimate("qwen2.5-vl-7b", activation_offloading=True, **kw)
+    assert without.peak_gib == pytest.approx(20.03, rel=0.03)
+    assert offloaded.peak_gib == pytest.approx(18.96, rel=0.03)
+    assert without.peak_gib - offloaded.peak_gib == pytest.approx(20.03 - 18.96, abs=0.1)
+    assert offloaded.activation_offloading and "offloading" in offloaded.table()
+    # without checkpointing every layer's activations leave the GPU
+    off = dict(kw, gradient_checkpointing=False)
+    assert (
+        memory.estimate("qwen2.5-vl-7b", activation_offloading=True, **off).peak_gib
+        < 0.8 * memory.estimate("qwen2.5-vl-7b", **off).peak_gib
+    )
+
+
+def test_levers_reach_the_estimate_from_the_cli_the_config_and_the_planner(capsys):
+    from vlmfit.cli import main
+
+    base = ["estimate", "--model", "qwen2.5-vl-7b", "--batch", "4", "--json"]
+    peaks = {}
+    for extra in ([], ["--no-fused-lora"], ["--no-activation-offloading"], ["--autocast", "on"]):
+        assert main(base + extra) == 0
+        out = json.loads(capsys.readouterr().out)
+        peaks[tuple(extra)] = out["peak_gib"]
+        assert out["fused_lora"] == ("--no-fused-lora" not in extra)
+        assert out["activation_offloading"] == ("--no-activation-offloading" not in extra)
+        assert out["autocast"] == ("--no-fused-lora" in extra or "on" in extra)
+    # the default is vlmfit's path: fused LoRA, the 7B's checkpoints offloaded, no autocast
+    assert peaks[("--no-fused-lora",)] > peaks[()] < peaks[("--no-activation-offloading",)]
+    from vlmfit import fastpath
+
+    for over in ({}, {"fused_lora": False}, {"activation_offloading": True}, {"autocast": True}):
+        cfg = RunConfig(model="qwen2.5-vl-7b", weights="random", per_device_train_batch_size=4,
+                        **over)  # fmt: skip
+        e = memory._cfg_estimate(cfg, 1717, 1296)
+        assert e.fused_lora == cfg.fused_lora
+        assert e.activation_offloading == fastpath.offloads_activations(cfg)
+        assert e.autocast == fastpath.uses_autocast(cfg)
+    res = memory.plan("qwen2.5-vl-7b", 24, text_tokens=420, fused_lora=False,
+                      activation_offloading=True)  # fmt: skip
+    assert res and all(not c.estimate.fused_lora for c in res)
+    assert "fused_lora=False" in res[0].make_args()
+    assert "activation_offloading=True" in res[0].make_args()
+    default = memory.plan("qwen2.5-vl-7b", 24, text_tokens=420)[0].make_args()
+    assert "fused_lora" not in default and "activation_offloading" not in default
+
+
+def test_the_estimators_lever_rules_are_the_training_paths():
+    """``activation_offloading=None`` / ``autocast=None`` follow ``vlmfit.fastpath``."""
+    from vlmfit import fastpath
+
+    assert memory.OFFLOAD_AUTO_FROM_PARAMS == fastpath.OFFLOAD_FROM_PARAMS
+    for model in ("smolvlm", "qwen2.5-vl-3b", "qwen2.5-vl-7b"):
+        for gc in (True, False):
+            e = memory.estimate(model, gradient_checkpointing=gc, activation_offloading=None)
+            big = memory.arch(registry.get(model)).lm_linear_params >= 1e9
+            assert e.activation_offloading == (gc and big), (model, gc)
+    assert not memory.estimate(
+        "qwen2.5-vl-7b", recipe="plain", activation_offloading=None
+    ).activation_offloading
+    for ft in ("lora", "qlora", "full"):
+        for fused in (True, False):
+            cfg = RunConfig(model="smolvlm", finetune=ft, fused_lora=fused)
+            e = memory.estimate("smolvlm", finetune=ft, fused_lora=fused)
+            assert e.autocast == fastpath.uses_autocast(cfg), (ft, fused)
+    # without autocast PEFT's LoRA keeps fp32 copies of its inputs; LayerNorm towers run bf16
+    on = memory.estimate(
+        "qwen2.5-vl-7b", fused_lora=False, autocast=True, gradient_checkpointing=False
+    )
+    off = memory.estimate(
+        "qwen2.5-vl-7b", fused_lora=False, autocast=False, gradient_checkpointing=False
+    )
+    assert off.breakdown["activations (LM)"] > on.breakdown["activations (LM)"]
+    kw = dict(micro_batch=4, budget=None)
+    assert (
+        memory.estimate("smolvlm", autocast=False, **kw).peak_gib
+        < memory.estimate("smolvlm", autocast=True, **kw).peak_gib
+    )  # the vision phase: SigLIP's LayerNorm output in bf16
 
 
 def test_the_default_recipe_is_the_fast_path():
@@ -338,7 +472,7 @@ def test_plan_says_what_would_fit_when_nothing_does():
 
 
 def test_training_refuses_before_loading_what_will_not_fit_and_says_what_would():
-    cfg = RunConfig(model="qwen2.5-vl-7b", weights="random", per_device_train_batch_size=8)
+    cfg = RunConfig(model="qwen2.5-vl-7b", weights="random", per_device_train_batch_size=16)
     with pytest.raises(memory.WontFitError) as err:
         memory.check_fits(cfg, 1717, 1296, gpu_gib=24)
     msg = str(err.value)

@@ -501,6 +501,8 @@ def measure_phases(
         lora_dropout=cfg.lora_dropout > 0,
         kbit_upcast=cfg.qlora_upcast,
         fused_lm_head=False,  # this loop calls model(**batch).loss
+        fused_lora=bool(getattr(cfg, "fused_lora", True)),  # build_model applies cfg's
+        autocast=False,  # nor does it run under autocast
     )
     measured = {
         "weights (+ adapters)": weights / GIB,

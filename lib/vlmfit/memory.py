@@ -8,18 +8,32 @@ per patch (vision tower) for activations. All sizes are GiB (2**30 bytes). It pr
 ``torch.cuda.max_memory_allocated()`` of one training step; ``Estimate.device_gib`` adds
 the CUDA context and allocator slack, i.e. what must fit on the card.
 
-Where a training step's peak comes from (bf16 LoRA, gradient checkpointing, micro-batch 1):
-the frozen bf16 weights, then per token the loss over the vocabulary (the logits in bf16,
-their fp32 upcast and log-probabilities, and two fp32 gradients: ~14 bytes x vocab per
-token, 2.1 MB for Qwen's 152k vocabulary), one bf16 checkpoint per layer per token, and,
-while autograd tracks the frozen vision tower (``enable_input_require_grads``), one bf16
-checkpoint per vision block per patch (4 patches per Qwen visual token).
+Where a training step's peak comes from: the weights, the trainable parameters, their
+gradients and optimizer states, and the activations of the phase of the step that peaks
+(``Estimate.peak_phase``). For LoRA that is the start of the backward: every decoder layer's
+saved tensors (or, with gradient checkpointing, each layer's bf16 input) plus the last
+layer's backward (checkpointing: the layer recomputed and what is alive with it). What a
+decoder layer saves is counted tensor by tensor from transformers 5.23 / PEFT 0.21 / TRL 1.16
+under bf16 autocast (the ``LAYER_*`` / ``LORA_*`` constants; exact on CPU against
+``torch.autograd.graph.saved_tensors_hooks``): the RMSNorms' fp32 input copies, SDPA's
+query, key, value, output and log-sum-exp (key and value at query width, and a bf16 mask,
+when padding forces ``repeat_kv``), the gated MLP's gate, SiLU and up outputs, and the LoRA
+inputs: once per shared input with fused LoRA or 4-bit layers, once per adapted linear
+with PEFT's bf16 layer (``fused_lora=False``). TRL's fused LM head projects only the scored
+positions, one [4096 x 32768] bf16 tile at a time; the plain recipe materializes the logits
+(~14 bytes x vocab per token). A frozen vision tower without autograd costs only its
+forward's transient (per patch, before the language model runs); DPO adds the reference
+forward while the policy's activations are kept; full fine-tuning peaks when every
+gradient and optimizer state exists.
 
-Calibration: ``estimate`` vs. measured peak allocated on one H100 (random weights, bf16
-LoRA r=16 on the language model, SDPA, non-reentrant checkpointing, AdamW, 256 text
-tokens + one square image at processor defaults). "ref" = ``shared/reference/
-architectures.md``; "here" = ``memory.ladder`` on an H100 with this module (torch 2.11,
-transformers 5.17), GiB::
+Validation: 27 configurations measured on one H200 (docs/memory.md, ``docs/memory-validation.
+json``; five models, LoRA / QLoRA / full, three image sizes, micro-batch 1-4, checkpointing
+on and off, SFT and DPO): all within 10 % (-2.4 % to +6.4 %), pinned by
+``tests/test_memory_sweep.py``; the 15 earlier H200 fast-path points and the H100 reference
+below by ``tests/test_memory.py``. Estimate vs. measured peak allocated on one H100 for the
+plain recipe (random weights, bf16 LoRA r=16, SDPA, checkpointing, AdamW, 256 text tokens +
+one square image at processor defaults). "ref" = ``shared/reference/architectures.md``;
+"here" = ``memory.ladder`` on an H100 (torch 2.11, transformers 5.17), GiB::
 
     case                                              estimate   ref    here
     Qwen2.5-VL-7B  448 px (256 vt), mb1                 17.35    17.3   17.11
@@ -29,27 +43,22 @@ transformers 5.17), GiB::
     Qwen2.5-VL-7B 1000 px, vision without autograd      19.54    19.5   19.01
     ... same, mb4                                       29.72    29.7   27.93
     Qwen2.5-VL-3B 1000 px, mb1                          11.24      -    10.84
-    Qwen2.5-VL-3B 1000 px, no checkpointing             19.90      -    21.09
+    Qwen2.5-VL-3B 1000 px, no checkpointing             19.12      -    21.09
     SmolVLM-256M 1000 px split (1088 vt), mb1 / mb4     1.89 / 5.59   1.9 / 5.9   1.80 / -
     SmolVLM-256M, vision without autograd, mb1 / mb4    1.59 / 4.39     -     1.47 / 4.08
     SmolVLM-256M no split (64 vt), mb1 / mb4            0.89 / 1.60   0.85 / 1.6   -
     Qwen2.5-VL-7B weights alone                         15.45    15.5   15.66 (+ adapters)
 
-All bf16 LoRA rows are within 8 % (most within 3 %). The textbook QLoRA rows are NOT
-fitted: ``finetune="qlora"`` models what is understood (NF4 language-model linears;
-``prepare_model_for_kbit_training`` upcasting every other weight to fp32, which makes the
-residual stream, the vision tower and the logits fp32) and predicts 11.8 / 14.6 GiB where
-18.3 / 48.6 GiB were measured (Qwen2.5-VL-7B, 448 / 1000 px; SmolVLM-256M: 1.9 vs 11.3).
-The measured QLoRA figures land between this model with checkpointing and the same model
-with every activation stored (-9 % to +59 %), and QLoRA ran faster per token than
-checkpointed bf16 LoRA: both hint that checkpointing was not in effect in that recipe.
-``plan`` therefore charges QLoRA candidates the no-checkpointing figure, and ranks them
-below bf16 LoRA whenever both fit.
+QLoRA: NF4 language-model linears (and, by default, the vision tower's), projector and
+lm_head bf16; the vlmfit path's QLoRA rows are within +4 % to +6 % on the H200. The plain
+recipe's ``prepare_model_for_kbit_training`` (fp32 upcasts) is modelled as an fp32
+activation stream and over-predicts (+9 % to +30 %); ``plan`` keeps a margin for QLoRA.
 
-Approximate by construction: attention is assumed memory-efficient (SDPA / flash: no
-sequence x sequence matrices), activations are counted for the phase that peaks (the
-loss, or one recomputed layer during backward), and allocator fragmentation is a flat
-allowance. Expect +-15 % on bf16 LoRA; treat QLoRA and full fine-tuning as rougher.
+Approximate by construction: attention is memory-efficient (SDPA / flash: no sequence x
+sequence matrices but the padding mask), the scored positions are taken as all the text
+tokens (an upper bound), gradients are counted whole in every phase (as under gradient
+accumulation), and allocator workspaces are a flat allowance; sharded engines (FSDP2,
+ZeRO-3) are not validated.
 
 Usage::
 
@@ -120,23 +129,90 @@ LOGITS_BYTES_PER_VOCAB = 14.0  # calibrated
 #: Same with fp32 logits (fp32 lm_head, e.g. after prepare_model_for_kbit_training).
 LOGITS_BYTES_PER_VOCAB_FP32 = 16.0
 
-#: One decoder layer's saved activations per token (bf16), as multiples of hidden size h,
-#: KV width kv (kv heads x head dim) and intermediate size i. Two RMSNorms (fp32 input +
-#: normalized copy: ~8h each), SDPA (q, k, v, out: 4h + 4kv), gated MLP (gate out, its SiLU,
-#: up out: 6i), output projection and down projection inputs (2h + 2i, only when those
-#: weights train). LoRA with dropout adds a dropped-out input copy + mask per adapted linear
-#: (q, k, v, o, gate, up: 6 x 3h; down: 3i).
-LAYER_H, LAYER_KV, LAYER_I = 20.0, 4.0, 6.0
-LORA_DROPOUT_H, LORA_DROPOUT_I = 18.0, 3.0
-FULL_FT_H, FULL_FT_I = 2.0, 2.0
-#: During backward one checkpointed layer is recomputed and back-propagated: its saved
-#: activations plus gradients of about the same size.
-RECOMPUTE_FACTOR = 2.0
+#: One decoder layer's activations saved for backward, bytes per token, as multiples of the
+#: hidden size h, the attention width q (heads x head dim), the KV width kv and the MLP width
+#: i; bf16 under autocast (transformers 5.23 Llama / Qwen2 decoder layers, SDPA). Exact on CPU
+#: (``torch.autograd.graph.saved_tensors_hooks`` on one- and two-layer models, docs/memory.md).
+#: Frozen linears save nothing (their weight gradient is not needed), so what is kept is:
+#: each RMSNorm's fp32 copy of its input (``hidden.to(float32)``, kept by pow and mul) and
+#: its fp32 reciprocal RMS (4 bytes a token).
+LAYER_NORMS_H, LAYER_NORMS_TOKEN = 2 * 4.0, 2 * 4.0
+#: SDPA: query and output (2q + 2q; the output is also o_proj's input, one storage), key and
+#: value (2kv + 2kv), log-sum-exp (fp32, 4 per head).
+LAYER_ATTN_Q, LAYER_ATTN_KV, LAYER_LSE_PER_HEAD = 4.0, 4.0, 4.0
+#: With padding (several rows) transformers passes a mask, so SDPA cannot take GQA natively:
+#: ``repeat_kv`` expands key and value to q width (saved), and the memory-efficient kernel
+#: saves the mask as a bf16 bias [rows, 1, seq, seq]: 2 x seq bytes per token per layer.
+LAYER_MASK_PER_SEQ = 2.0
+#: The MLP: gate output (kept by SiLU), its SiLU and the up output (kept by their product).
+LAYER_MLP_I = 6.0
+#: Inputs kept for the LoRA matmuls (A needs its input), with the inputs shared: q/k/v read
+#: one normed tensor, gate/up another (2h each), down reads the product (2i), o reads the
+#: SDPA output (already counted). So it is with QLoRA (PEFT's 4-bit layer does not cast under
+#: autocast), with ``fused_lora`` (one addmm on the layer's own bf16 input) and for full
+#: fine-tuning (the trained weights keep the same inputs).
+LORA_SHARED_H, LORA_SHARED_I = 2 * 2.0, 2.0
+#: PEFT's bf16 LoRA layer (``fused_lora`` off) casts its input to the fp32 adapter dtype and
+#: autocast casts it back to bf16 for A's matmul: each adapted linear keeps its own bf16
+#: copy of its input: q, k, v, gate, up (5 x 2h), o (2q), down (2i).
+LORA_COPIES_H, LORA_COPIES_Q, LORA_COPIES_I = 5 * 2.0, 2.0, 2.0
+#: Without autocast A's matmul runs in fp32 on PEFT's fp32 copy, which it keeps: 2 x the bytes.
+LORA_COPIES_NO_AUTOCAST = 2.0
+#: LoRA dropout (PEFT's path) keeps a bool mask of each adapted input: 5h + q + i.
+LORA_DROPOUT_H, LORA_DROPOUT_Q, LORA_DROPOUT_I = 5.0, 1.0, 1.0
+#: Full fine-tuning: each RMSNorm's trained weight keeps its bf16 normalized input (2 x 2h).
+FULL_FT_H = 2 * 2.0
+#: Gradient checkpointing keeps each layer's bf16 input (2h per token per layer).
+CHECKPOINT_H = 2.0
+#: During the backward of a checkpointed layer, on top of its recomputed saved activations:
+#: what is alive when the recomputation stops (the product feeding down, down's base output,
+#: the residual, the incoming gradient): 2i + 8h. PEFT's bf16 LoRA adds the fp32 copy of
+#: down's input it holds at that moment (4i). From CPU: 2b..7b within -1k..+9k bytes/token.
+RECOMPUTE_EXTRA_H, RECOMPUTE_EXTRA_I, RECOMPUTE_PEFT_FP32_I = 8.0, 2.0, 4.0
+#: Without checkpointing, the backward starts with every layer's activations kept; the
+#: transient on top is the final RMSNorm's fp32 backward and the first gradients: 17-19h
+#: per token on CPU (smolvlm-2b, qwen2-vl-2b, qwen2.5-vl-7b, a stand-in loss), more than
+#: any one layer's backward adds there.
+BACKWARD_EXTRA_H = 18.0
+#: Outside the layers: the final RMSNorm's fp32 copy of its input (4h per token).
+FINAL_NORM_H = 4.0
+#: The DPO reference forward (no autograd, adapters off) while the policy's activations are
+#: kept: one layer's transient (gate, up, SiLU, product: 8i; residual, norm: 8h).
+REFERENCE_LAYER_H, REFERENCE_LAYER_I = 8.0, 8.0
 
-#: Vision block saved activations per patch (bf16), multiples of vision hidden vh / MLP vi:
-#: two norms (fp32 input, 4vh each), attention (q, k, v, out: 8vh), MLP (gate out, its
-#: activation, up out: 6vi gated; fc1 out + GELU: 4vi plain). Frozen linears save nothing.
+#: TRL's ``activation_offloading`` moves what autograd keeps (with checkpointing: each
+#: layer's input, saved by the checkpoint) to pinned CPU memory; the last
+#: ``max_fwd_stash_size`` = 5 tensors stay on the GPU until the backward begins (the last
+#: five layers' inputs). Measured: Qwen2.5-VL-7B LoRA mb 4, 6,869 tokens: 20.03 -> 18.96 GiB
+#: (23 of 28 layer inputs off the GPU: 1.06 GiB predicted).
+OFFLOAD_STASH_TENSORS = 5
+#: ``RunConfig.activation_offloading=None`` offloads (with checkpointing, one GPU or DDP) from
+#: this many language-model linear parameters: ``fastpath.OFFLOAD_FROM_PARAMS``, mirrored here
+#: so that estimating does not import torch (a test keeps the two equal).
+OFFLOAD_AUTO_FROM_PARAMS = 1_000_000_000
+
+#: Vision block saved activations per patch (bf16) when autograd tracks the frozen tower (the
+#: plain recipe), multiples of vision hidden vh / MLP vi: two norms (fp32 input, 4vh each),
+#: attention (q, k, v, out: 8vh), MLP (gate out, its activation, up out: 6vi gated; fc1 out +
+#: GELU: 4vi plain). Frozen linears save nothing.
 VISION_LAYER_H, VISION_LAYER_I_GATED, VISION_LAYER_I_PLAIN = 16.0, 6.0, 4.0
+#: The frozen vision tower's forward without autograd (vlmfit's default), peak bytes per patch:
+#: the residual and the norm's output and temporaries (6vh), the MLP's intermediates
+#: (fc1 + GELU-tanh: 4vi; QuickGELU's temporaries: 6vi; gated SiLU: 8vi) and the pixels (the
+#: batch's bf16 pixel values, the processor's copies: 9 bytes per pixel of a patch).
+VISION_NOGRAD_H, VISION_NOGRAD_PIXEL = 6.0, 9.0
+VISION_NOGRAD_I = {"gelu_tanh": 4.0, "quick_gelu": 6.0, "gated": 8.0}
+#: LayerNorm towers (SigLIP, Qwen2-VL) under CUDA autocast: layer_norm runs in fp32, its
+#: output is fp32 (+2vh). Measured on CPU with CUDA's fp32 layer_norm, bytes per patch (+ the
+#: batch's pixels): smolvlm 23.1k, smolvlm-2b 31.0k, qwen2-vl-2b 49.4k, qwen2.5-vl-3b 46.8k;
+#: predicted 25.3k, 31.7k, 51.5k, 45.6k. On the H200 SmolVLM-256M mb 4 (vision peak) measured
+#: 2.36 GiB with autocast, 2.26 without: the 2vh per patch.
+VISION_AUTOCAST_LN_H = 2.0
+#: A 4-bit LayerNorm tower under autocast: bitsandbytes' Linear4bit returns its input's dtype,
+#: so after the fp32 LayerNorm the linears, the activation and the residual stream stay fp32:
+#: 1.5 x the vh term, 2 x the vi term. Measured on CPU: smolvlm 37.0k, smolvlm-2b 51.7k,
+#: qwen2-vl-2b 77.7k bytes per patch (+ pixels); Qwen2.5-VL's RMSNorm returns bf16.
+VISION_FP32_H, VISION_FP32_I = 1.5, 2.0
 
 #: Memory allocated outside the model's tensors during a step (cuBLAS / cuDNN workspaces,
 #: the batch, rotary tables, small buffers), GiB. Calibrated (small).
@@ -146,15 +222,15 @@ CUDA_CONTEXT_GIB = 0.6
 #: Reserved / allocated: caching-allocator fragmentation (measured 34.1 / 29.5 at 2000 px).
 FRAGMENTATION = 0.10
 
-#: TRL's fused LM head (``trl.kernels.chunked_logprob``): it projects [4096 tokens x
-#: 32768 vocabulary] tiles (bf16) and folds each into fp32 statistics; bytes per tile
-#: element: the bf16 tile and an fp32 working copy.
-FUSED_TILE_TOKENS, FUSED_TILE_VOCAB, FUSED_TILE_BYTES = 4096, 32768, 6.0
+#: TRL's fused LM head (``trl.kernels.chunked_logprob``, on CUDA): only the scored positions
+#: (labels != -100: the answer in SFT, the completions in DPO) are projected, in [4096 tokens
+#: x 32768 vocabulary] bf16 tiles folded in place by a Triton kernel (2 bytes per element).
+#: It keeps the scored hidden states (2h each); its backward accumulates their gradient in
+#: fp32 (4h) and casts it (2h), and scatters it into the sequence (2h per token, twice: the
+#: mask and the shift). A trained lm_head adds its fp32 gradient accumulator (4 x vocab x h).
+FUSED_TILE_TOKENS, FUSED_TILE_VOCAB, FUSED_TILE_BYTES = 4096, 32768, 2.0
+FUSED_SCORED_H, FUSED_GRAD_SCORED_H, FUSED_GRAD_TOKEN_H = 2.0, 6.0, 4.0
 
-#: A 4-bit vision tower's forward, bytes per patch per vision MLP width: calibrated on two
-#: H200 points (SmolVLM-256M mb 4 measured 1.2 GiB above the bf16-tower model; Qwen2.5-VL-7B
-#: mb 1 consistent); bitsandbytes' dequantize-and-matmul buffers are the suspected cause.
-QLORA_VISION_BYTES_I = 6.0  # calibrated
 #: QLoRA is the least validated estimate (docs/memory.md): ``plan`` adds this to its margin.
 QLORA_UNCERTAINTY = 0.10
 
@@ -205,6 +281,9 @@ class Arch:
     vision_intermediate: int
     vision_layers: int
     vision_gated: bool
+    vision_act: str  # the vision MLP: "gelu_tanh" (SigLIP), "quick_gelu" (Qwen2-VL), "gated"
+    vision_layernorm: bool  # LayerNorm blocks (fp32 under CUDA autocast); False: RMSNorm
+    patch_pixels: int  # pixel values per vision patch (channels x [frames x] patch^2)
     patches_per_token: int  # vision-tower patches per visual token (merge^2 / scale^2)
     embed_params: int
     lm_head_params: int  # 0 when tied
@@ -213,6 +292,11 @@ class Arch:
     vision_params: int
     projector_params: int
     lora_in_out: int  # sum over one layer's LoRA targets of (in + out) features
+
+    @property
+    def q_width(self) -> int:
+        """Attention width: heads x head dim (the query, the SDPA output)."""
+        return self.heads * self.head_dim
 
     @property
     def total_params(self) -> int:
@@ -253,6 +337,7 @@ def arch_from_config(cfg: dict[str, Any]) -> Arch:
         vision = 3 * p * p * vh + vh + (img // p) ** 2 * vh + vl * block + 2 * vh
         projector = vh * scale * scale * h
         gated, ppt = False, scale * scale
+        act, layernorm, pixels = "gelu_tanh", True, 3 * p * p
     else:
         merge, tp, p = (
             v.get("spatial_merge_size", 2),
@@ -266,7 +351,7 @@ def arch_from_config(cfg: dict[str, Any]) -> Arch:
                 4 * vh + (3 * vh * vh + 3 * vh) + (vh * vh + vh) + (vh * vi + vi) + (vi * vh + vh)
             )
             out, ln = v["hidden_size"], 2 * vh
-            gated = False
+            gated, act, layernorm = False, "quick_gelu", True
         else:
             vh, vi = v["hidden_size"], v["intermediate_size"]
             block = (
@@ -277,9 +362,10 @@ def arch_from_config(cfg: dict[str, Any]) -> Arch:
                 + (vi * vh + vh)
             )
             out, ln = v["out_hidden_size"], vh
-            gated = True
+            gated, act, layernorm = True, "gated", False
         vl = v["depth"]
         vision = 3 * tp * p * p * vh + vl * block
+        pixels = 3 * tp * p * p
         m = vh * merge * merge
         projector = ln + (m * m + m) + (m * out + out)
         ppt = merge * merge
@@ -298,6 +384,9 @@ def arch_from_config(cfg: dict[str, Any]) -> Arch:
         vision_intermediate=vi,
         vision_layers=vl,
         vision_gated=gated,
+        vision_act=act,
+        vision_layernorm=layernorm,
+        patch_pixels=pixels,
         patches_per_token=ppt,
         embed_params=vocab * h,
         lm_head_params=0 if tied else vocab * h,
@@ -349,8 +438,13 @@ class Estimate:
     total_params: int
     trainable_params: int
     breakdown: dict[str, float]
-    peak_phase: str  # "loss" | "backward" | "vision" : which phase of the step peaks
+    # which phase of the step peaks: "loss" | "backward" | "vision" | "reference" (DPO) |
+    # "optimizer" (full fine-tuning: every gradient and optimizer state at once)
+    peak_phase: str
     notes: list[str] = field(default_factory=list)
+    fused_lora: bool = False  # LoRA as one addmm on the bf16 input (no per-adapter copies)
+    activation_offloading: bool = False  # kept activations in pinned CPU memory
+    autocast: bool = True  # bf16 autocast (the Trainer's); off: no per-op casts
 
     @property
     def peak_gib(self) -> float:
@@ -381,14 +475,16 @@ class Estimate:
             f"{self.text_tokens} text), gradient checkpointing "
             f"{'on' if self.gradient_checkpointing else 'off'}, vision tower "
             f"{'without autograd' if self.vision_no_grad else 'tracked by autograd'}"
+            + (", fused LoRA" if self.fused_lora and self.finetune in ("lora", "qlora") else "")
+            + (", activation offloading" if self.activation_offloading else "")
         ]
         for k, v in sorted(self.breakdown.items(), key=lambda kv: -kv[1]):
-            lines.append(f"  {k:<22} {v:8.2f} GiB")
+            lines.append(f"  {k:<28} {v:8.2f} GiB")
         lines.append(
-            f"  {'peak allocated':<22} {self.peak_gib:8.2f} GiB  (phase: {self.peak_phase})"
+            f"  {'peak allocated':<28} {self.peak_gib:8.2f} GiB  (phase: {self.peak_phase})"
         )
         lines.append(
-            f"  {'on the device':<22} {self.device_gib:8.2f} GiB  (+ fragmentation, context)"
+            f"  {'on the device':<28} {self.device_gib:8.2f} GiB  (+ fragmentation, context)"
         )
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
@@ -396,6 +492,72 @@ class Estimate:
 
 def _spec(spec_or_name: ModelSpec | str) -> ModelSpec:
     return spec_or_name if isinstance(spec_or_name, ModelSpec) else registry.get(spec_or_name)
+
+
+def lora_copies(
+    finetune: str, fused_lora: bool, lora_dropout: bool, autocast: bool, fp32_stream: bool
+) -> bool:
+    """Whether each adapted linear keeps its own copy of its input. PEFT's own forward runs
+    with ``fused_lora`` off, or with dropout (the fused path leaves it to PEFT): its bf16
+    layer always copies (the fp32 cast); its 4-bit layer only when dropout makes a new tensor
+    per adapter, the input is not bf16 (fp32 stream) or there is no autocast (it then casts
+    to fp32 itself)."""
+    if fused_lora and not lora_dropout:
+        return False
+    return finetune == "lora" or (
+        finetune == "qlora" and (lora_dropout or fp32_stream or not autocast)
+    )
+
+
+def layer_bytes(
+    a: Arch,
+    *,
+    finetune: str = "lora",
+    lora_r: int = 16,
+    fused_lora: bool = True,
+    lora_dropout: bool = False,
+    autocast: bool = True,
+    seq: int | None = None,
+    fp32_stream: bool = False,
+) -> float:
+    """Bytes one decoder layer keeps for backward per token (the ``LAYER_*`` / ``LORA_*``
+    terms). ``seq``: the padded length when the batch has padding (several rows of
+    different lengths), None without: the mask and ``repeat_kv``'s key / value copies."""
+    h, i, kv, q = a.hidden, a.intermediate, a.kv_heads * a.head_dim, a.q_width
+    attn = (
+        LAYER_ATTN_Q * q
+        + LAYER_ATTN_KV * (q if seq is not None else kv)
+        + LAYER_LSE_PER_HEAD * a.heads
+        + (LAYER_MASK_PER_SEQ * seq if seq is not None else 0.0)
+    )
+    layer = LAYER_NORMS_H * h + LAYER_NORMS_TOKEN + attn + LAYER_MLP_I * i
+    if finetune in ("lora", "qlora"):
+        copy_bytes = 1.0
+        if lora_copies(finetune, fused_lora, lora_dropout, autocast, fp32_stream):
+            copy_bytes = 1.0 if autocast else LORA_COPIES_NO_AUTOCAST
+            layer += (LORA_COPIES_H * h + LORA_COPIES_Q * q + LORA_COPIES_I * i) * copy_bytes
+        else:
+            layer += LORA_SHARED_H * h + LORA_SHARED_I * i
+        if lora_dropout:
+            layer += LORA_DROPOUT_H * h + LORA_DROPOUT_Q * q + LORA_DROPOUT_I * i
+        layer += 2.0 * lora_r * 7 * copy_bytes  # each adapter's r-wide A output, kept by B
+    elif finetune == "full":
+        layer += LORA_SHARED_H * h + LORA_SHARED_I * i + FULL_FT_H * h
+    # projector only: the LM's weights are frozen, but the gradient flows through every
+    # layer to the projector, so the layers keep what their input gradient needs
+    return layer * (2.0 if fp32_stream else 1.0)
+
+
+def vision_forward_bytes(a: Arch, *, autocast: bool = True, four_bit: bool = False) -> float:
+    """Peak bytes per patch of the frozen vision tower's forward without autograd (the
+    ``VISION_NOGRAD_*`` terms), the batch's pixels included."""
+    vd = VISION_NOGRAD_H * a.vision_hidden
+    vi = VISION_NOGRAD_I[a.vision_act] * a.vision_intermediate
+    if autocast and a.vision_layernorm:  # fp32 LayerNorm output
+        vd += VISION_AUTOCAST_LN_H * a.vision_hidden
+        if four_bit:  # Linear4bit keeps fp32 going
+            vd, vi = vd * VISION_FP32_H, vi * VISION_FP32_I
+    return vd + vi + VISION_NOGRAD_PIXEL * a.patch_pixels
 
 
 def estimate(
@@ -421,6 +583,9 @@ def estimate(
     qlora_vision_4bit: bool = True,
     nproc: int = 1,
     engine: str = "ddp",
+    fused_lora: bool | None = None,
+    activation_offloading: bool | None = False,
+    autocast: bool | None = None,
 ) -> Estimate:
     """Predict the peak memory of one training step (GiB), with its breakdown.
 
@@ -437,6 +602,15 @@ def estimate(
     ``lora_dropout``, ``kbit_upcast`` and ``fused_lm_head`` overrides its recipe default.
     ``dpo``: TRL's DPOTrainer runs chosen and rejected as one batch of 2 x ``micro_batch``
     (the reference forward, without autograd, adds no stored activations).
+    ``fused_lora`` (default: on for "vlmfit", off for "plain"): LoRA as one addmm on the
+    layer's bf16 input (``RunConfig.fused_lora``), so adapted linears that share an input
+    keep it once; off, PEFT's layer keeps a bf16 copy of its input per adapted linear (and
+    an fp32 copy in flight). ``activation_offloading`` (``RunConfig.activation_offloading``,
+    TRL's): what autograd keeps goes to pinned CPU memory but for the last few tensors;
+    None: vlmfit's rule (with checkpointing, on one GPU or DDP, for language models of 1B+
+    linear parameters). ``autocast`` (``RunConfig.autocast``; None: vlmfit's rule, off for
+    LoRA / QLoRA with fused LoRA, else on): without it PEFT's LoRA keeps fp32 input copies
+    and LayerNorm vision towers run in bf16.
     ``nproc`` / ``engine`` (ddp, fsdp2, zero3): the peak of one GPU of ``nproc``
     (docs/distributed.md): DDP keeps a second copy of the gradients in its buckets; FSDP2
     and ZeRO-3 divide weights, gradients and optimizer states (fp32 for what trains) and
@@ -455,6 +629,8 @@ def estimate(
         kbit_upcast = not fast
     if fused_lm_head is None:  # TRL's DPOTrainer always scores through its fused head
         fused_lm_head = fast or dpo
+    if fused_lora is None:
+        fused_lora = fast
     spec = _spec(spec_or_name)
     if finetune not in ("lora", "qlora", "full", "projector"):
         raise ValueError(f"finetune must be lora, qlora, full or projector, got {finetune!r}")
@@ -468,6 +644,15 @@ def estimate(
     notes: list[str] = []
     if vision_no_grad is None:  # the plain recipe's input-grad hook tracks the tower
         vision_no_grad = fast or not (finetune in ("lora", "qlora") and gradient_checkpointing)
+    if autocast is None:  # fastpath.uses_autocast: fused LoRA already computes in bf16
+        autocast = not (fast and finetune in ("lora", "qlora") and fused_lora)
+    if activation_offloading is None:  # fastpath.offloads_activations
+        activation_offloading = (
+            fast
+            and gradient_checkpointing
+            and (nproc == 1 or engine == "ddp")
+            and a.lm_linear_params >= OFFLOAD_AUTO_FROM_PARAMS
+        )
 
     # -- tokens
     if visual_tokens is None:
@@ -527,74 +712,122 @@ def estimate(
     )
     opt_states = trainable * state_bytes / GIB
 
-    # -- activations, bytes per token / patch
+    # -- activations, bytes per token / patch (docs/memory.md: where each term comes from)
     act = 2.0 if fp32_stream else 1.0  # activation dtype multiplier (bf16 = 1)
-    h, i, kv = a.hidden, a.intermediate, a.kv_heads * a.head_dim
-    layer = LAYER_H * h + LAYER_KV * kv + LAYER_I * i
-    if finetune in ("lora", "qlora") and lora_dropout:
-        layer += LORA_DROPOUT_H * h + LORA_DROPOUT_I * i
-    if finetune == "full":
-        layer += FULL_FT_H * h + FULL_FT_I * i
-    layer *= act
-    lm_trains = finetune != "projector"
-    if gradient_checkpointing and lm_trains:
-        lm_stored = a.layers * 2 * h * act
-        recompute = RECOMPUTE_FACTOR * layer
-    elif lm_trains:
-        lm_stored = a.layers * layer
-        recompute = 0.0
-    else:  # projector only: nothing in the language model needs saving but its inputs
-        lm_stored, recompute = 0.0, 0.0
-    embeds = 2 * 2 * h * act  # inputs_embeds + final hidden states
-    if fused_lm_head:  # one [4096 tokens x 32768 vocab] tile at a time, never the logits
-        tile = min(tokens, FUSED_TILE_TOKENS) * min(a.vocab, FUSED_TILE_VOCAB) * FUSED_TILE_BYTES
-        logits_pt = tile / max(tokens, 1)
-        logits_kept = logits_pt + h * 4.0  # + the fp32 gradient of the hidden states
+    h, i = a.hidden, a.intermediate
+    padded = rows > 1  # rows of different lengths: a mask, and repeat_kv under GQA
+    lora_like = finetune in ("lora", "qlora")
+    copies = lora_copies(finetune, fused_lora, lora_dropout, autocast, fp32_stream)
+    layer = layer_bytes(
+        a,
+        finetune=finetune,
+        lora_r=lora_r,
+        fused_lora=fused_lora,
+        lora_dropout=lora_dropout,
+        autocast=autocast,
+        seq=seq if padded else None,
+        fp32_stream=fp32_stream,
+    )
+    n_layers = a.layers
+    if gradient_checkpointing:
+        per_layer_kept = CHECKPOINT_H * h * act
+        lm_backward = layer + (RECOMPUTE_EXTRA_H * h + RECOMPUTE_EXTRA_I * i) * act
+        if finetune == "lora" and copies and autocast:  # down's fp32 input copy, in flight
+            lm_backward += RECOMPUTE_PEFT_FP32_I * i * act
     else:
-        logits_pt = a.vocab * (
-            LOGITS_BYTES_PER_VOCAB_FP32 if fp32_stream else LOGITS_BYTES_PER_VOCAB
-        )
-        logits_kept = a.vocab * 4.0  # log-probabilities saved for backward
+        per_layer_kept = layer
+        lm_backward = BACKWARD_EXTRA_H * h * act
+    if activation_offloading:  # the kept tensors go to pinned CPU memory but the last few
+        if gradient_checkpointing:
+            lm_kept = min(n_layers, OFFLOAD_STASH_TENSORS) * per_layer_kept
+        else:  # the stash holds 5 tensors (the largest per token: 2i); each layer returns
+            lm_kept = OFFLOAD_STASH_TENSORS * max(2.0 * i, 4.0 * h) * act  # in its backward
+            lm_backward += layer
+        notes.append("activation offloading: kept activations in pinned CPU memory")
+    else:
+        lm_kept = n_layers * per_layer_kept
+    lm_kept += FINAL_NORM_H * h * act
+    # Without checkpointing the bf16 casts of the fp32 adapters are kept by every layer.
+    adapter_copies = trainable * 2.0 / GIB if lora_like and not gradient_checkpointing else 0.0
 
+    scored = rows * min(text_tokens, seq)  # positions with a label: the answer (an upper bound)
+    lm_head_trains = finetune == "full"
+    if fused_lm_head:  # one [4096 tokens x 32768 vocab] tile at a time, never the logits
+        tile = min(scored, FUSED_TILE_TOKENS) * min(a.vocab, FUSED_TILE_VOCAB) * FUSED_TILE_BYTES
+        head = (
+            tile
+            + scored * (FUSED_SCORED_H + FUSED_GRAD_SCORED_H) * h
+            + tokens * FUSED_GRAD_TOKEN_H * h
+            + (4.0 * a.vocab * h if lm_head_trains else 0.0)  # fp32 gradient accumulator
+            + (FUSED_TILE_VOCAB * h * 2.0 if fp32_stream else 0.0)  # bf16 cast of a chunk
+        )
+        head_backward = 0.0  # done before the layers' backward starts
+        head_forward = tile + scored * FUSED_SCORED_H * h
+    else:
+        per_vocab = LOGITS_BYTES_PER_VOCAB_FP32 if fp32_stream else LOGITS_BYTES_PER_VOCAB
+        head = tokens * a.vocab * per_vocab
+        head_backward = tokens * a.vocab * 4.0  # log-probabilities saved for backward
+        head_forward = head
+
+    # The vision tower (frozen): kept for backward when autograd tracks it, else only the
+    # forward's transient (the largest block's intermediates and the pixels).
+    vh, vi = a.vision_hidden, a.vision_intermediate
     vgated = VISION_LAYER_I_GATED if a.vision_gated else VISION_LAYER_I_PLAIN
-    vlayer = (VISION_LAYER_H * a.vision_hidden + vgated * a.vision_intermediate) * act
+    vlayer = (VISION_LAYER_H * vh + vgated * vi) * act
     vision_tracked = not vision_no_grad
     if vision_tracked and gradient_checkpointing:
-        v_stored = a.vision_layers * 2 * a.vision_hidden * act
+        v_kept = a.vision_layers * 2 * vh * act
     elif vision_tracked:
-        v_stored = a.vision_layers * vlayer
+        v_kept = a.vision_layers * vlayer
     else:
-        v_stored = 0.0
-    if vision_no_grad:
+        v_kept = 0.0
+    if vision_tracked:
+        v_forward = v_kept + vlayer * 2  # one block recomputed / back-propagated at a time
+    else:
+        v_forward = vision_forward_bytes(a, autocast=autocast, four_bit=qlora and qlora_vision_4bit)
+        v_forward += (act - 1.0) * (v_forward - VISION_NOGRAD_PIXEL * a.patch_pixels)
         notes.append("vision tower without autograd: no activations kept for backward")
 
-    vis_gib = pt * v_stored / GIB
-    lm_gib = tokens * (lm_stored + embeds) / GIB
+    g = 1 / GIB
+    vis_kept = pt * v_kept * g
+    lm_kept_gib = tokens * lm_kept * g
     phases = {
-        "loss": {"activations (vision)": vis_gib, "activations (LM)": lm_gib,
-                 "logits + loss": tokens * logits_pt / GIB},
-        "backward": {"activations (vision)": vis_gib,
-                     "activations (LM)": lm_gib + tokens * recompute / GIB,
-                     "logits + loss": tokens * logits_kept / GIB},
-        "vision": {"activations (vision)": vis_gib + pt * (vlayer * (1 if vision_no_grad else 2)
-                   + (QLORA_VISION_BYTES_I * a.vision_intermediate if qlora and qlora_vision_4bit else 0)) / GIB,
+        # the forward's end and the loss (with TRL's fused head, its backward too)
+        "loss": {"activations (vision)": vis_kept, "activations (LM)": lm_kept_gib,
+                 "activations (adapter copies)": adapter_copies, "logits + loss": head * g},
+        # the backward of the last decoder layer (the first to run; checkpointing: recomputed)
+        "backward": {"activations (vision)": vis_kept, "activations (LM)": lm_kept_gib,
+                     "activations (LM backward)": tokens * lm_backward * g,
+                     "activations (adapter copies)": adapter_copies,
+                     "logits + loss": head_backward * g},
+        # the frozen vision tower's forward, before the language model runs
+        "vision": {"activations (vision)": 0.0, "activations (vision forward)": pt * v_forward * g,
                    "activations (LM)": 0.0, "logits + loss": 0.0},
     }  # fmt: skip
     if dpo:  # the reference forward (no autograd) runs while the policy's activations are kept
+        ref_lm = (tokens * (REFERENCE_LAYER_H * h + REFERENCE_LAYER_I * i) * act + head_forward) * g
+        ref_vision = pt * v_forward * g if vision_no_grad else 0.0  # its tower, then its layers
         phases["reference"] = {
-            "activations (vision)": phases["vision"]["activations (vision)"],
-            "activations (LM)": lm_gib,
-            "logits + loss": tokens * logits_pt / GIB,
+            "activations (vision)": vis_kept,
+            "activations (vision forward)": ref_vision if ref_vision > ref_lm else 0.0,
+            "activations (LM)": lm_kept_gib,
+            "activations (adapter copies)": adapter_copies,
+            "logits + loss": ref_lm if ref_lm >= ref_vision else 0.0,
         }
+    if lm_head_trains and a.tied:  # the embedding's dense gradient, before it is added to
+        phases["optimizer"] = {"tied embedding gradient": a.embed_params * wb * g}  # lm_head's
     phase = max(phases, key=lambda k: sum(phases[k].values()))
+    kept = ("activations (vision)", "activations (LM)", "logits + loss")
     breakdown = {
         "weights": weights,
         "trainable params": adapters,
         "gradients": grads,
         "optimizer states": opt_states,
-        **phases[phase],
+        **{k: v for k, v in phases[phase].items() if v or k in kept},
         "overhead": ALLOC_OVERHEAD_GIB,
     }
+    for k in kept:
+        breakdown.setdefault(k, 0.0)
     if nproc > 1 and engine == "ddp":
         breakdown["DDP gradient buckets"] = grads + (adapters if adapters else 0.0)
         notes.append(f"DDP over {nproc} GPUs: a full replica on each")
@@ -632,6 +865,9 @@ def estimate(
         breakdown=breakdown,
         peak_phase=phase,
         notes=notes,
+        fused_lora=bool(fused_lora),
+        activation_offloading=bool(activation_offloading),
+        autocast=bool(autocast),
     )
 
 
@@ -661,6 +897,9 @@ class Candidate:
     effective_batch: int = 16  # samples per optimizer step: micro-batch x accumulation x GPUs
     nproc: int = 1
     engine: str = "ddp"
+    fused_lora: bool = True  # RunConfig.fused_lora the estimate assumed
+    activation_offloading: bool | None = None  # as asked (None: vlmfit's rule, the default)
+    autocast: bool | None = None  # as asked (None: vlmfit's rule, the default)
 
     @property
     def headroom_gib(self) -> float:
@@ -678,6 +917,12 @@ class Candidate:
         ]
         if not self.gradient_checkpointing:
             params.append("gradient_checkpointing=False")
+        if not self.fused_lora:  # levers off their RunConfig default: the run must match
+            params.append("fused_lora=False")
+        if self.activation_offloading is not None:
+            params.append(f"activation_offloading={self.activation_offloading}")
+        if self.autocast is not None:
+            params.append(f"autocast={self.autocast}")
         mit = self.max_image_tokens or 0  # 0: the processor's default
         return f"FINETUNE={self.finetune} MAX_IMAGE_TOKENS={mit} PARAMS='{' '.join(params)}'"
 
@@ -767,6 +1012,9 @@ def plan(
     effective_batch: int = 16,
     nproc: int = 1,
     engine: str = "ddp",
+    fused_lora: bool = True,
+    activation_offloading: bool | None = None,
+    autocast: bool | None = None,
 ) -> PlanResult:
     """Configurations that fit ``gpu_gib`` GiB with ``margin`` to spare, best first.
 
@@ -804,6 +1052,9 @@ def plan(
                         vision_no_grad=vision_no_grad,
                         nproc=nproc,
                         engine=engine,
+                        fused_lora=fused_lora,
+                        activation_offloading=activation_offloading,
+                        autocast=autocast,
                     )
                     key = (ft, mb, e.visual_tokens, gc_on)
                     if key in seen:  # a budget above the image's cost changes nothing
@@ -822,6 +1073,9 @@ def plan(
                         effective_batch=effective_batch,
                         nproc=nproc,
                         engine=engine,
+                        fused_lora=fused_lora,
+                        activation_offloading=activation_offloading,
+                        autocast=autocast,
                     )
                     tried.append(c)
                     if c.required_gib <= gpu_gib:
@@ -1087,6 +1341,8 @@ def profile_steps(
             lora_dropout=cfg.lora_dropout > 0,
             kbit_upcast=cfg.qlora_upcast,
             fused_lm_head=False,  # this loop calls model(**batch).loss
+            fused_lora=bool(getattr(cfg, "fused_lora", True)),  # build_model applies cfg's
+            autocast=False,  # nor does it run under autocast
         ).peak_gib
     except Exception:  # noqa: BLE001 - an estimate is a bonus here, never a failure
         est = float("nan")
@@ -1304,6 +1560,27 @@ def local_gpu_gib() -> float | None:
     return torch.cuda.get_device_properties(0).total_memory / GIB
 
 
+def _lever_flags(p: argparse.ArgumentParser) -> None:
+    """The training-path levers the estimator models (RunConfig fields of the same name)."""
+    p.add_argument("--no-fused-lora", action="store_true",
+                   help="PEFT's own LoRA layer (fused_lora=False): a bf16 copy of the input "
+                   "per adapted linear")  # fmt: skip
+    off = p.add_mutually_exclusive_group()
+    off.add_argument("--activation-offloading", dest="activation_offloading",
+                     action="store_const", const=True, default=None,
+                     help="kept activations in pinned CPU memory (default: vlmfit's rule, on "
+                     "for 1B+ language models with checkpointing)")  # fmt: skip
+    off.add_argument("--no-activation-offloading", dest="activation_offloading",
+                     action="store_const", const=False, help="activation_offloading=False")  # fmt: skip
+    p.add_argument("--autocast", choices=["on", "off"], default=None,
+                   help="the Trainer's bf16 autocast (default: vlmfit's rule, off with fused "
+                   "LoRA)")  # fmt: skip
+
+
+def _autocast_arg(value: str | None) -> bool | None:
+    return None if value is None else value == "on"
+
+
 def cli_estimate(argv: list[str]) -> int:
     """``python -m vlmfit estimate --model M ...``: predicted peak GiB and its breakdown.
 
@@ -1324,6 +1601,7 @@ def cli_estimate(argv: list[str]) -> int:
     p.add_argument("--recipe", choices=list(RECIPES), default="vlmfit",
                    help="vlmfit's default path (default) or the textbook recipe in train mode")  # fmt: skip
     p.add_argument("--dpo", action="store_true", help="DPO (chosen + rejected per sample)")
+    _lever_flags(p)
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     try:
         a = p.parse_args(argv)
@@ -1338,6 +1616,9 @@ def cli_estimate(argv: list[str]) -> int:
             gradient_checkpointing=not a.no_grad_ckpt,
             recipe=a.recipe,
             dpo=a.dpo,
+            fused_lora=False if a.no_fused_lora else None,  # None: the recipe's default
+            activation_offloading=a.activation_offloading,
+            autocast=_autocast_arg(a.autocast),
         )
     except (_UsageError, registry.UnknownModelError, ValueError) as err:
         print(f"vlmfit estimate: error: {err}", file=sys.stderr)
@@ -1375,6 +1656,7 @@ def cli_plan(argv: list[str]) -> int:
     p.add_argument("--effective-batch", type=int, default=16,
                    help="samples per optimizer step: micro-batch x accumulation")  # fmt: skip
     p.add_argument("--top", type=int, default=10, help="candidates to list")
+    _lever_flags(p)
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     try:
         a = p.parse_args(argv)
@@ -1398,6 +1680,9 @@ def cli_plan(argv: list[str]) -> int:
             vision_no_grad=True if a.vision_no_grad else None,
             nproc=a.nproc,
             engine=a.engine,
+            fused_lora=not a.no_fused_lora,
+            activation_offloading=a.activation_offloading,
+            autocast=_autocast_arg(a.autocast),
         )
     except (_UsageError, registry.UnknownModelError, ValueError) as err:
         print(f"vlmfit plan: error: {err}", file=sys.stderr)
@@ -1414,6 +1699,9 @@ def cli_plan(argv: list[str]) -> int:
         effective_batch=a.effective_batch,
         nproc=a.nproc,
         engine=a.engine,
+        fused_lora=not a.no_fused_lora,
+        activation_offloading=a.activation_offloading,
+        autocast=_autocast_arg(a.autocast),
     )
     if a.json:
         print(
@@ -1506,11 +1794,35 @@ def _cfg_estimate(cfg, sequence_tokens: int, visual_tokens: int) -> Estimate:
         qlora_vision_4bit=cfg.qlora_vision_4bit,
         nproc=distributed.world_size(),
         engine=distributed.launch_engine(),
+        **_cfg_levers(cfg),
     )
 
 
+def _cfg_levers(cfg) -> dict[str, bool]:
+    """The levers ``cfg``'s run will train with, as the estimator takes them: ``fused_lora``,
+    and TRL's offloading and the Trainer's autocast as ``vlmfit.fastpath`` resolves them."""
+    from vlmfit import fastpath
+
+    offloads = getattr(fastpath, "offloads_activations", None)
+    uses_autocast = getattr(fastpath, "uses_autocast", None)
+    return {
+        "fused_lora": bool(getattr(cfg, "fused_lora", True)),
+        "activation_offloading": bool(
+            offloads(cfg) if offloads else getattr(cfg, "activation_offloading", False)
+        ),
+        "autocast": bool(uses_autocast(cfg) if uses_autocast else getattr(cfg, "autocast", True)),
+    }
+
+
 def _advice_line(cfg, gpu_gib: float, sequence_tokens: int, visual_tokens: int) -> str:
-    res = plan(cfg.spec, gpu_gib, text_tokens=max(0, sequence_tokens - visual_tokens))
+    res = plan(
+        cfg.spec,
+        gpu_gib,
+        text_tokens=max(0, sequence_tokens - visual_tokens),
+        fused_lora=bool(getattr(cfg, "fused_lora", True)),
+        activation_offloading=getattr(cfg, "activation_offloading", None),
+        autocast=getattr(cfg, "autocast", None),
+    )
     if res:
         return f"what fits {gpu_gib:.0f} GiB: {res[0].make_command()}"
     return res.reason
