@@ -445,25 +445,10 @@ def measure_phases(
         weights = torch.cuda.memory_allocated()
     else:
         weights = _tensor_bytes([*model.parameters(), *model.buffers()])
-    device = next(p.device for p in model.parameters())
     mb = cfg.per_device_train_batch_size
-    batch = memory.synthetic_batch(
-        processor,
-        spec,
-        image_size=image_size,
-        text_tokens=text_tokens,
-        micro_batch=mb,
-        max_image_tokens=cfg.max_image_tokens,
+    batch, visual, seq, dtype = memory.model_batch(
+        model, processor, spec, cfg, image_size, text_tokens
     )
-    visual = batch.pop("_visual_tokens")
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    batch = {
-        k: (v.to(device, dtype=dtype) if v.is_floating_point() else v.to(device))
-        if isinstance(v, torch.Tensor)
-        else v
-        for k, v in batch.items()
-    }
-    seq = int(batch["input_ids"].shape[1])
     params = [p for p in model.parameters() if p.requires_grad]
     opt = train.make_optimizer(cfg, model) or torch.optim.AdamW(params, lr=cfg.learning_rate)
     model.train()

@@ -1185,6 +1185,31 @@ def synthetic_batch(
     return out
 
 
+def model_batch(model, processor, spec, cfg, image_size, text_tokens):
+    """``synthetic_batch`` for ``cfg``'s micro-batch on ``model``'s device and float dtype:
+    (batch, visual tokens a sample, sequence length, that dtype)."""
+    import torch
+
+    device = next(p.device for p in model.parameters())
+    batch = synthetic_batch(
+        processor,
+        spec,
+        image_size=image_size,
+        text_tokens=text_tokens,
+        micro_batch=cfg.per_device_train_batch_size,
+        max_image_tokens=cfg.max_image_tokens,
+    )
+    visual = batch.pop("_visual_tokens")
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    batch = {
+        k: (v.to(device, dtype=dtype) if v.is_floating_point() else v.to(device))
+        if isinstance(v, torch.Tensor)
+        else v
+        for k, v in batch.items()
+    }
+    return batch, visual, int(batch["input_ids"].shape[1]), dtype
+
+
 class _RssSampler:
     """Peak resident set size of this process (bytes), sampled every ``interval`` s."""
 
@@ -1275,25 +1300,8 @@ def profile_steps(
         else sum(t.numel() * t.element_size() for t in tensors)
     ) / GIB
     del tensors
-    device = next(p.device for p in model.parameters())
     mb = cfg.per_device_train_batch_size
-    batch = synthetic_batch(
-        processor,
-        spec,
-        image_size=image_size,
-        text_tokens=text_tokens,
-        micro_batch=mb,
-        max_image_tokens=cfg.max_image_tokens,
-    )
-    visual = batch.pop("_visual_tokens")
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    batch = {
-        k: (v.to(device, dtype=dtype) if v.is_floating_point() else v.to(device))
-        if isinstance(v, torch.Tensor)
-        else v
-        for k, v in batch.items()
-    }
-    seq = int(batch["input_ids"].shape[1])
+    batch, visual, seq, dtype = model_batch(model, processor, spec, cfg, image_size, text_tokens)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = train.make_optimizer(cfg, model) or torch.optim.AdamW(params, lr=cfg.learning_rate)
     model.train()
