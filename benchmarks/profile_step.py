@@ -53,14 +53,19 @@ def main(argv: list[str] | None = None) -> int:
     data = bench.make_data(Path(a.work) / "data", n=max(64, a.mb * 4))
     model, batch, step, cfg = bench.loop_setup(case, data)
     tokens = int(batch["attention_mask"].sum())
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    step_s = (time.perf_counter() - t) / 3
+
+    def seconds(fn, warmup: int, n: int = 3) -> float:
+        """Mean wall time of ``fn`` over ``n`` calls after ``warmup``, GPU synchronized."""
+        for _ in range(warmup):
+            fn()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t) / n
+
+    step_s = seconds(step, warmup=3)
 
     # the vision tower alone, as the step runs it (under no_grad on vlmfit's path)
     inner = model.get_base_model().model
@@ -70,13 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             feats = lambda: inner.get_image_features(**{k: v for k, v in batch.items()  # noqa: E731
                                                       if k in ("pixel_values", "image_grid_thw",
                                                                "pixel_attention_mask")})  # fmt: skip
-            feats()
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            for _ in range(3):
-                feats()
-            torch.cuda.synchronize()
-            vision_s = (time.perf_counter() - t) / 3
+            vision_s = seconds(feats, warmup=1)
     except Exception as e:  # noqa: BLE001 - a diagnostic, not the measurement
         print(f"vision timing skipped: {type(e).__name__}: {e}", file=sys.stderr)
 
