@@ -34,6 +34,7 @@ records which ran in the run's ``summary.json``. What each buys is measured by
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -63,14 +64,22 @@ def _no_grad_forward(module: torch.nn.Module) -> None:
 VARLEN_ATTENTION = "vlmfit_flash_varlen"
 
 
-def _varlen_kernel(q, k, v, cu_seqlens, max_seqlen, scale, causal=False):
-    """torch's fused variable-length attention (CUDA, sm80+) on (tokens, heads, dim); grouped
-    key / value heads are shared as SDPA's ``enable_gqa`` shares them."""
+@functools.cache
+def _varlen_params() -> frozenset[str]:
+    """The keyword names of this torch's ``varlen_attn`` (read once, not per layer call)."""
     import inspect
 
     from torch.nn.attention.varlen import varlen_attn
 
-    params = inspect.signature(varlen_attn).parameters
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def _varlen_kernel(q, k, v, cu_seqlens, max_seqlen, scale, causal=False):
+    """torch's fused variable-length attention (CUDA, sm80+) on (tokens, heads, dim); grouped
+    key / value heads are shared as SDPA's ``enable_gqa`` shares them."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = _varlen_params()
     kw: dict[str, Any] = {"scale": scale} if "scale" in params else {}
     if causal:  # torch 2.10-2.11: is_causal; later: window_size (left, right)
         kw |= {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
