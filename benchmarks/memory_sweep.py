@@ -597,15 +597,11 @@ def measure(c: dict[str, Any], work: Path, steps: int = 3, warmup: int = 1) -> d
 
 
 def versions() -> dict[str, str | None]:
-    import importlib.metadata as md
+    """Python and the libraries benchmarks/fastpath.py reports."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import fastpath as bench
 
-    out: dict[str, str | None] = {"python": sys.version.split()[0]}
-    for p in ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets"):
-        try:
-            out[p] = md.version(p)
-        except md.PackageNotFoundError:
-            out[p] = None
-    return out
+    return {"python": sys.version.split()[0], **bench.versions()}
 
 
 def git_state() -> dict[str, Any]:
