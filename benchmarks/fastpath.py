@@ -147,6 +147,40 @@ SUITES["packing"] = [
      "over": {"packing": p, "train_sampling_strategy": "random"}}
     for m, s in (("qwen2.5-vl-7b", 14), ("smolvlm", 40)) for p in (False, True)
 ]  # fmt: skip
+# Run 6 (one command, two GPUs): the 7B under every new default (fused LoRA, no autocast,
+# activation offloading) against the plain recipe; Unsloth's counterparts in the other lane
+_Q7 = {"model": "qwen2.5-vl-7b"}
+SUITES["run6-7b"] = [
+    {**_Q7, "path": "vlmfit", "finetune": "lora", "mb": 4, "steps": 14},
+    {**_Q7, "path": "plain", "finetune": "lora", "mb": 4},
+    {**_Q7, "path": "vlmfit", "finetune": "qlora", "mb": 1, "steps": 14},
+    {**_Q7, "path": "vlmfit", "finetune": "qlora", "mb": 4, "steps": 10},
+    {**_Q7, "path": "plain", "finetune": "qlora", "mb": 1},
+    {**_Q7, "path": "plain-dpo", "finetune": "lora", "mb": 1, "steps": 8},
+    {**_Q7, "path": "vlmfit-dpo", "finetune": "lora", "mb": 1, "steps": 8},
+    {**_Q7, "path": "vlmfit-loop", "finetune": "lora", "mb": 4},
+]  # fmt: skip
+_SMOL = {"model": "smolvlm", "path": "vlmfit", "steps": 40}
+SUITES["run6-unsloth"] = [  # what unsloth_driver mirrors (end to end only)
+    {**_SMOL, "finetune": "lora", "mb": 4},
+    {**_Q7, "path": "vlmfit", "finetune": "lora", "mb": 4, "steps": 14},
+    {**_Q7, "path": "vlmfit", "finetune": "qlora", "mb": 1, "steps": 14},
+    {**_SMOL, "finetune": "qlora", "mb": 4},
+    {**_Q7, "path": "vlmfit", "finetune": "qlora", "mb": 4, "steps": 10},
+]  # fmt: skip
+# SmolVLM: the micro-batch (host-bound: the same kernels a step carry more tokens) and
+# checkpointing, end to end, under the 2.9 GiB of the #7 target
+SUITES["run6-smol"] = [
+    {**_SMOL, "finetune": "lora", "mb": 4},
+    {**_SMOL, "path": "plain", "finetune": "lora", "mb": 4},
+    {**_SMOL, "finetune": "lora", "mb": 8, "steps": 30},
+    {**_SMOL, "finetune": "lora", "mb": 16, "steps": 20},
+    {**_SMOL, "finetune": "lora", "mb": 4, "over": {"gradient_checkpointing": False}},
+    {**_SMOL, "finetune": "qlora", "mb": 4},
+    {**_SMOL, "finetune": "qlora", "mb": 8, "steps": 30},
+    {**_SMOL, "path": "plain-dpo", "finetune": "lora", "mb": 2, "steps": 20},
+    {**_SMOL, "path": "vlmfit-dpo", "finetune": "lora", "mb": 2, "steps": 20},
+]  # fmt: skip
 SUITES["all"] = [c for k in ("smolvlm", "qwen7b", "qwen7b-qlora") for c in SUITES[k]]
 
 
