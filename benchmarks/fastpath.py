@@ -181,6 +181,16 @@ SUITES["run6-smol"] = [
     {**_SMOL, "path": "plain-dpo", "finetune": "lora", "mb": 2, "steps": 20},
     {**_SMOL, "path": "vlmfit-dpo", "finetune": "lora", "mb": 2, "steps": 20},
 ]  # fmt: skip
+# Run 6, second command: the 7B end to end alone on its host (the first command shared it
+# with Unsloth's compile workers), offloading on / off, and QLoRA between micro-batch 1 and 4
+SUITES["run6-7b-e2e"] = [
+    {**_Q7, "path": "vlmfit", "finetune": "lora", "mb": 4, "steps": 14},
+    {**_Q7, "path": "vlmfit", "finetune": "lora", "mb": 4, "steps": 14,
+     "over": {"activation_offloading": False}},
+    {**_Q7, "path": "vlmfit", "finetune": "qlora", "mb": 2, "steps": 12},
+    {**_Q7, "path": "vlmfit", "finetune": "qlora", "mb": 3, "steps": 12},
+]  # fmt: skip
+SUITES["run6-smol-short"] = [c for c in SUITES["run6-smol"] if c["finetune"] == "lora"][:5]
 SUITES["all"] = [c for k in ("smolvlm", "qwen7b", "qwen7b-qlora") for c in SUITES[k]]
 
 
