@@ -140,7 +140,10 @@ def load_prepared(folder: Path, *, preference: bool):
     """The cache's records as a ``datasets.Dataset`` in TRL's VLM layout.
 
     Images stay file paths (``datasets.Image`` decodes them lazily, in the DataLoader's
-    workers); ``length`` (tokens after the budget) feeds length-grouped batches.
+    workers); ``length`` (tokens after the budget) feeds length-grouped batches. A cache
+    with videos (SFT, where torchvision imports) adds ``videos``: per record, each video's
+    frame files in name order, and ``video_kwargs``: the manifest's video-processor
+    settings and sampling rate, which :mod:`vlmfit.collate` hands the video processor.
     """
     import json
 
@@ -157,16 +160,78 @@ def load_prepared(folder: Path, *, preference: bool):
             f"method={'dpo' if preference else 'sft'} needs {want} data: {n} of {len(rows)} "
             f"records in {folder} are not (DPO needs prompt/chosen/rejected pairs)"
         )
-    if any(r.get("videos") for r in rows):
-        raise ConfigError(
-            f"{folder}: video records are not trained yet (images only); drop the videos or "
-            "use images (frames) for now"
-        )
+    video_kwargs = (
+        _video_kwargs(folder, rows, preference) if any(r.get("videos") for r in rows) else None
+    )
     for r in rows:
-        r.pop("videos", None)
+        videos = r.pop("videos", None) or []
         r["images"] = [{"path": str(folder / p), "bytes": None} for p in r["images"]]
+        if video_kwargs is not None:
+            r["videos"] = [_frame_paths(folder, v) for v in videos]
+            r["video_kwargs"] = video_kwargs
         r.setdefault("length", 0)
     return to_dataset(rows)
+
+
+def _video_kwargs(folder: Path, rows: list[dict[str, Any]], preference: bool) -> dict[str, Any]:
+    """A video cache's settings for the collator; ConfigError where its videos can't train."""
+    n = sum(bool(r.get("videos")) for r in rows)
+    if preference:
+        raise ConfigError(
+            f"{folder}: {n} of {len(rows)} records have videos; video records train with SFT "
+            "only (TRL's DPO collator passes images only)"
+        )
+    why = _torchvision_error()
+    if why is not None:
+        raise ConfigError(
+            f"{folder}: {n} of {len(rows)} records have videos, and transformers' Qwen2-VL video "
+            f"processor needs torchvision, which does not import here ({why}). The CPU install "
+            "leaves it out: PyPI's torchvision links libtorch_cuda.so / libc10_cuda.so, which "
+            "the CPU torch build lacks (README, 'Video needs torchvision'). Train video "
+            "records in the GPU container, or drop them"
+        )
+    manifest = runs.read_json(folder / "manifest.json")
+    vkw = manifest.get("video_processor_kwargs") or {}
+    if not {"min_pixels", "max_pixels"} <= set(vkw) or not manifest.get("video_fps"):
+        raise ConfigError(
+            f"{folder}/manifest.json: no video_processor_kwargs / video_fps for its video "
+            "records (a cache from an older vlmfit?): preprocess the data again"
+        )
+    return {
+        "min_pixels": int(vkw["min_pixels"]),
+        "max_pixels": int(vkw["max_pixels"]),
+        "fps": float(manifest["video_fps"]),
+    }
+
+
+def _frame_paths(folder: Path, video: str) -> list[str]:
+    """One cached video's frame files (``videos/<n>/000.jpg, 001.jpg, ...``), in name order."""
+    d = folder / video
+    frames = sorted(p for p in d.iterdir() if p.is_file()) if d.is_dir() else []
+    if not frames:
+        raise ConfigError(
+            f"{folder}: video {video!r} has no frames in {d}: preprocess the data again"
+        )
+    return [str(p) for p in frames]
+
+
+def _torchvision_error() -> str | None:
+    """Why ``import torchvision`` fails here (None: it imports)."""
+    try:
+        import torchvision  # noqa: F401
+    except Exception as e:  # ImportError, or RuntimeError from a build for another torch
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def video_collator(collator, dataset):
+    """``collator`` for a dataset of :func:`load_prepared`: wrapped for video records
+    (:func:`vlmfit.collate.with_videos`) when it has them, else unchanged."""
+    if "videos" not in (getattr(dataset, "column_names", None) or []):
+        return collator
+    from vlmfit.collate import with_videos
+
+    return with_videos(collator, dataset)
 
 
 # ---------------------------------------------------------------------------- model
@@ -450,7 +515,9 @@ def build_trainer(
         kwargs["optimizers"] = (optimizer, None)
     # PEFT model + no ref_model: DPO's reference is the base with the adapter disabled.
     trainer = SFTTrainer(**kwargs) if cfg.method == "sft" else DPOTrainer(**kwargs)
-    trainer.data_collator = fastpath.WorkerCollator(trainer.data_collator, _dtype(cfg))
+    trainer.data_collator = fastpath.WorkerCollator(
+        video_collator(trainer.data_collator, train_ds), _dtype(cfg)
+    )
     if not progress:  # reports: the metrics log and the curves carry the numbers
         from transformers.trainer_callback import PrinterCallback
 
