@@ -191,6 +191,14 @@ SUITES["run6-7b-e2e"] = [
     {**_Q7, "path": "vlmfit", "finetune": "qlora", "mb": 3, "steps": 12},
 ]  # fmt: skip
 SUITES["run6-smol-short"] = [c for c in SUITES["run6-smol"] if c["finetune"] == "lora"][:5]
+# Run 6, third command: SmolVLM's frozen tower 32 tiles a pass (vision_chunk, the default)
+SUITES["run6-smol-chunk"] = [
+    {**_SMOL, "finetune": "lora", "mb": 16, "steps": 20},
+    {**_SMOL, "finetune": "lora", "mb": 8, "steps": 30},
+    {**_SMOL, "finetune": "qlora", "mb": 16, "steps": 20},
+    {**_SMOL, "finetune": "lora", "mb": 4},
+    {**_SMOL, "finetune": "lora", "mb": 12, "steps": 20},
+]  # fmt: skip
 SUITES["all"] = [c for k in ("smolvlm", "qwen7b", "qwen7b-qlora") for c in SUITES[k]]
 
 

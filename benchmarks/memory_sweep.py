@@ -214,6 +214,7 @@ def estimate_args(
     fused_lora: bool = True,
     activation_offloading: bool = False,
     autocast: bool | None = None,
+    vision_chunk: int = 0,
 ) -> dict[str, Any]:
     """What ``python -m vlmfit estimate`` takes for case ``c`` (JSON-able), with the levers
     the run trained with (``RunConfig.fused_lora``, TRL's activation offloading and the
@@ -230,6 +231,7 @@ def estimate_args(
         "fused_lora": bool(fused_lora),
         "activation_offloading": bool(activation_offloading),
         "autocast": autocast,
+        "vision_chunk": int(vision_chunk),
     }
 
 
@@ -237,7 +239,8 @@ def predict(args: dict[str, Any]):
     """``memory.estimate`` from ``estimate_args`` (the default recipe: vlmfit's own path).
 
     Rows without ``fused_lora`` were measured before that lever existed (run 5, commit
-    d0f14c7's path): PEFT's own LoRA layer, so ``fused_lora=False``."""
+    d0f14c7's path): PEFT's own LoRA layer, so ``fused_lora=False``; rows without
+    ``vision_chunk`` ran SmolVLM's tower over every tile at once (``vision_chunk=0``)."""
     from vlmfit import memory
     from vlmfit.budget import Budget
 
@@ -246,6 +249,7 @@ def predict(args: dict[str, Any]):
     mit = a.pop("max_image_tokens", None)
     a["image_size"] = tuple(a["image_size"])
     a.setdefault("fused_lora", False)
+    a.setdefault("vision_chunk", 0)  # rows before RunConfig.vision_chunk: all tiles at once
     return memory.estimate(model, budget=Budget(max_image_tokens=mit) if mit else None, **a)
 
 
@@ -269,6 +273,7 @@ def estimate_command(args: dict[str, Any]) -> str:
         cmd += " --no-activation-offloading"
     if args.get("autocast") is not None:
         cmd += f" --autocast {'on' if args['autocast'] else 'off'}"
+    cmd += f" --vision-chunk {args.get('vision_chunk', 0)}"  # the CLI's default is the recipe's
     return cmd
 
 

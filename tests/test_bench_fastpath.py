@@ -55,8 +55,12 @@ def _gpu_or_skip():
 
 def test_varlen_kernels_compute_what_sdpa_computes_on_the_gpu():
     """The real CUDA kernels behind vision_attention=varlen and packing: non-causal windows
-    and causal packed rows with grouped key / value heads, against SDPA per segment, in
-    bf16, forward and backward."""
+    and causal packed rows with grouped key / value heads, forward and backward, in bf16.
+    The reference is SDPA per segment in fp32; the varlen kernel's bf16 error must be no
+    larger than twice bf16 SDPA's own (the test flash-attention's authors use: a few
+    gradient elements of bf16 SDPA itself are 0.08 off)."""
+    import functools
+
     import torch
 
     from vlmfit import fastpath
@@ -65,23 +69,36 @@ def test_varlen_kernels_compute_what_sdpa_computes_on_the_gpu():
     torch.manual_seed(0)
     cu = torch.tensor([0, 64, 128, 300, 301, 512], dtype=torch.int32, device="cuda")
     lens = (cu[1:] - cu[:-1]).tolist()
-    for causal, heads, kv in ((False, 16, 16), (True, 28, 4)):
-        q = torch.randn(512, heads, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        k, v = (torch.randn(512, kv, 128, device="cuda", dtype=torch.bfloat16,
-                            requires_grad=True) for _ in range(2))  # fmt: skip
-        got = fastpath._varlen_kernel(q, k, v, cu, max(lens), 128**-0.5, causal=causal)
-        ref = torch.cat([
+
+    def sdpa(q, k, v, causal, gqa):
+        return torch.cat([
             torch.nn.functional.scaled_dot_product_attention(
                 q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1),
-                is_causal=causal, enable_gqa=kv != heads,
+                is_causal=causal, enable_gqa=gqa,
             ).transpose(0, 1)
             for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True)
         ])  # fmt: skip
-        torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2)
-        g_got = torch.autograd.grad(got.float().square().sum(), (q, k, v))
-        g_ref = torch.autograd.grad(ref.float().square().sum(), (q, k, v))
-        for a, b in zip(g_got, g_ref, strict=True):
-            torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2)
+
+    def out_and_grads(fn, q, k, v):
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        out = fn(q, k, v)
+        return [out.float(), *torch.autograd.grad(out.float().square().sum(), (q, k, v))]
+
+    for causal, heads, kv in ((False, 16, 16), (True, 28, 4)):
+        q = torch.randn(512, heads, 128, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(512, kv, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        gqa = kv != heads
+        base = functools.partial(sdpa, causal=causal, gqa=gqa)
+        ref = out_and_grads(base, q.float(), k.float(), v.float())
+        bf16 = out_and_grads(base, q, k, v)
+        varlen = functools.partial(
+            fastpath._varlen_kernel, cu_seqlens=cu, max_seqlen=max(lens), scale=128**-0.5,
+            causal=causal,
+        )  # fmt: skip
+        got = out_and_grads(varlen, q, k, v)
+        for name, g, b, r in zip(("out", "dq", "dk", "dv"), got, bf16, ref, strict=True):
+            err, floor = (g - r).abs().max().item(), (b - r).abs().max().item()
+            assert err <= 2 * floor + 1e-3, f"{name}: varlen {err:.4f} vs bf16 SDPA {floor:.4f}"
 
 
 def test_packed_qwen_rows_train_like_padded_batches_on_the_gpu(tmp_path):

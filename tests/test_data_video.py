@@ -412,6 +412,12 @@ def _trainer(res: Any, name: str, tmp_path: Path):
     return trainer, model, processor, ds
 
 
+def _on(batch: Any, model: Any) -> dict[str, Any]:
+    """The batch on the model's device (the GPU machine runs these tests on CUDA)."""
+    device = next(model.parameters()).device
+    return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+
+
 def _pads(batch: Any, processor: Any, token: str) -> list[int]:
     tid = processor.tokenizer.convert_tokens_to_ids(token)
     return (batch["input_ids"] == tid).sum(1).tolist()
@@ -437,7 +443,7 @@ def test_collated_video_tokens_equal_preprocessing(tmp_path: Path, name: str) ->
     assert not kept[batch["input_ids"] == vid].any(), "video tokens carry no labels"
     assert kept.sum(1).min() > 0, "every reply is trained"
     assert batch["pixel_values_videos"].shape[0] == int(grid.prod(1).sum())
-    loss = model(**batch).loss
+    loss = model(**_on(batch, model)).loss
     assert math.isfinite(loss.item())
 
 
@@ -461,7 +467,7 @@ def test_image_and_video_records_mix_in_one_batch(tmp_path: Path, name: str) -> 
     assert per_row[1][0] == 0 and min(per_row[1][1:]) > 0
     assert batch["image_grid_thw"].shape[0] == 2 and batch["video_grid_thw"].shape[0] == 2
     assert batch["attention_mask"].sum(1).tolist() == [s["total_after"] for s in res.sample_stats]
-    loss = model(**batch).loss
+    loss = model(**_on(batch, model)).loss
     assert math.isfinite(loss.item())
     only_images = trainer.data_collator([ds[0]])  # and a batch of the image record alone
     assert "pixel_values_videos" not in only_images and "pixel_values" in only_images

@@ -467,3 +467,47 @@ def test_autocast_is_off_where_fused_lora_already_computes_in_bf16(shapes, tiny_
             torch.nn.functional.cosine_similarity(g.flatten(), runs[False][1][n].flatten(), 0)
             > 0.99
         ), n
+
+
+def test_tiled_vision_tower_in_chunks_computes_what_one_pass_computes(shapes, tiny_cache, tmp_path):
+    """``vision_chunk``: SmolVLM's frozen tower runs N tiles a pass (its transient memory
+    stops growing with the micro-batch); the loss and the LoRA gradients are unchanged."""
+    results = {}
+    for chunk in (0, 3):
+        cfg = _cfg(shapes, tmp_path, model="tiny-smolvlm", vision_chunk=chunk)
+        model, processor = _build(cfg)
+        (name,) = model.vlmfit_vision_no_grad  # the whole tower, before the connector
+        tower = model.base_model.model.get_submodule(name)
+        calls: list[int] = []
+        tower.embeddings.register_forward_hook(lambda m, i, o, calls=calls: calls.append(len(o)))
+        model.train()
+        batch = _batch(cfg, model, processor, shapes)
+        loss = model(**batch).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[chunk] = (loss.detach(), grads, calls)
+    tiles = sum(results[0][2])
+    assert results[0][2] == [tiles] and tiles > 3  # one pass over every tile of the batch
+    assert results[3][2] == [min(3, tiles - a) for a in range(0, tiles, 3)]
+    torch.testing.assert_close(results[3][0], results[0][0], rtol=1e-5, atol=1e-6)
+    assert results[3][1].keys() == results[0][1].keys() and results[0][1]
+    for n, g in results[0][1].items():
+        torch.testing.assert_close(results[3][1][n], g, rtol=1e-4, atol=1e-6)
+
+
+def test_chunked_tiles_passes_flat_patch_sequences_through():
+    """Qwen's tower takes one flat patch sequence (2-D): never split."""
+    seen = []
+
+    def forward(pixel_values, grid_thw=None):
+        seen.append(pixel_values.shape)
+        return pixel_values * 2
+
+    x = torch.ones(10, 6)
+    assert torch.equal(fastpath.chunked_tiles(forward, 3, (x,), {"grid_thw": None}), x * 2)
+    assert seen == [(10, 6)]
+    tiles = torch.arange(5 * 3 * 2 * 2, dtype=torch.float32).reshape(5, 3, 2, 2)
+    out = fastpath.chunked_tiles(
+        lambda pixel_values: pixel_values + 1, 2, (), {"pixel_values": tiles}
+    )
+    assert torch.equal(out, tiles + 1)

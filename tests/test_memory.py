@@ -244,11 +244,12 @@ H200_MEASURED = [
 
 
 def _h200_estimate(recipe, model, finetune, mb, seq, kw):
-    """Measured before the fused LoRA lever existed: PEFT's own LoRA layer (fused_lora off)."""
+    """Measured before the fused LoRA and vision_chunk levers existed: PEFT's own LoRA layer,
+    SmolVLM's tower over every tile at once."""
     span = memory.estimate(model, text_tokens=0, image_size=(1000, 1000)).sequence_tokens
     return memory.estimate(
         model, finetune=finetune, micro_batch=mb, text_tokens=seq - span,
-        image_size=(1000, 1000), recipe=recipe, fused_lora=False, **kw,
+        image_size=(1000, 1000), recipe=recipe, fused_lora=False, vision_chunk=0, **kw,
     )  # fmt: skip
 
 

@@ -65,6 +65,9 @@ class RunConfig:
     activation_offloading: bool | None = None  # checkpoints to pinned CPU; None: 1B+ LMs, GPU
     attn_implementation: str = "sdpa"  # sdpa | eager | flex_attention | flash_attention_2
     vision_attention: Literal["varlen", "sdpa"] = "varlen"  # Qwen: all windows in 1 kernel, not 81
+    vision_chunk: int = (
+        32  # frozen tiled tower (SmolVLM): N tiles a pass, peak flat in batch; 0: all
+    )
     fused_lora: bool = True  # LoRA as one addmm on the bf16 input: no fp32 copies per layer
     packing: bool = False  # SFT: a batch as one padding-free row, per-sample attention (unmeasured)
     autocast: bool | None = None  # bf16 autocast; None: off for fused LoRA (casts done), else on
@@ -210,5 +213,9 @@ def validate(cfg: RunConfig, *, cuda: bool | None = None) -> None:
         )
     if cfg.dataloader_num_workers is not None and cfg.dataloader_num_workers < 0:
         raise ConfigError("dataloader_num_workers must be >= 0 (or None for auto)")
+    if cfg.vision_chunk < 0:
+        raise ConfigError(
+            f"vision_chunk: expected 0 (all tiles at once) or more, got {cfg.vision_chunk}"
+        )
     if cfg.overlength not in ("drop", "shrink"):
         raise ConfigError("overlength must be 'drop' or 'shrink'")

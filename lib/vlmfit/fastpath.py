@@ -46,11 +46,13 @@ from vlmfit.registry import ModelSpec
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
 
 
-def _no_grad_forward(module: torch.nn.Module) -> None:
+def _no_grad_forward(module: torch.nn.Module, chunk: int = 0) -> None:
     original = module.forward
 
     def forward(*args, **kwargs):
         with torch.no_grad():
+            if chunk:
+                return chunked_tiles(original, chunk, args, kwargs)
             return original(*args, **kwargs)
 
     module.forward = forward
@@ -62,6 +64,43 @@ def _no_grad_forward(module: torch.nn.Module) -> None:
 #: Registered with transformers' AttentionInterface. "flash" in the name makes Qwen's vision
 #: attention pass ``cu_seqlens`` (one call) instead of splitting per window.
 VARLEN_ATTENTION = "vlmfit_flash_varlen"
+
+
+def chunked_tiles(forward, chunk: int, args: tuple, kwargs: dict):
+    """``forward`` over at most ``chunk`` tiles at a time, outputs concatenated.
+
+    For a tower that takes a batch of tiles (Idefics3 / SmolVLM: ``pixel_values`` of shape
+    ``[tiles, 3, H, W]``, each tile attended on its own): exact, and without autograd the
+    transient activations of one pass (a 1000x1000 image is 17 tiles of ~23 MB each in
+    SigLIP's MLP) stop growing with the micro-batch. Other inputs (Qwen's flat patch
+    sequence) pass through unchanged.
+    """
+    pixels = kwargs.get("pixel_values", args[0] if args else None)
+    if not (isinstance(pixels, torch.Tensor) and pixels.dim() == 4 and len(pixels) > chunk):
+        return forward(*args, **kwargs)
+    n = len(pixels)
+
+    def part(x, a, b):
+        return x[a:b] if isinstance(x, torch.Tensor) and x.dim() and len(x) == n else x
+
+    outs = [
+        forward(*(part(x, a, a + chunk) for x in args),
+                **{k: part(v, a, a + chunk) for k, v in kwargs.items()})
+        for a in range(0, n, chunk)
+    ]  # fmt: skip
+    first = outs[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(outs)
+    for key, value in first.items():  # a ModelOutput: per-tile tensors are joined
+        if (
+            isinstance(value, torch.Tensor)
+            and value.dim()
+            and len(value) == len(next(iter(first.values())))
+        ):
+            first[key] = torch.cat([o[key] for o in outs])
+        elif value is not None:
+            raise ValueError(f"chunked vision forward: cannot join output {key!r}")
+    return first
 
 
 @functools.cache
@@ -274,8 +313,9 @@ def frozen_vision_parts(model, spec: ModelSpec) -> list[tuple[str, torch.nn.Modu
     return parts
 
 
-def vision_without_autograd(model, spec: ModelSpec) -> list[str]:
-    """Run the frozen vision tower (up to the projector) under ``torch.no_grad``.
+def vision_without_autograd(model, spec: ModelSpec, chunk: int = 0) -> list[str]:
+    """Run the frozen vision tower (up to the projector) under ``torch.no_grad``, a tiled
+    tower ``chunk`` tiles at a time (:func:`chunked_tiles`; 0: all at once).
 
     Exact: these modules take only pixels, so nothing upstream needs their gradient.
     Raises when a vision weight trains (``train_vision``). Returns the wrapped names.
@@ -285,7 +325,7 @@ def vision_without_autograd(model, spec: ModelSpec) -> list[str]:
     if trainable:
         raise ValueError("vision_no_grad needs a frozen vision tower (train_vision=False)")
     for _, module in parts:
-        _no_grad_forward(module)
+        _no_grad_forward(module, chunk)
     return [n.replace("base_model.model.", "") for n, _ in parts]
 
 
@@ -407,6 +447,7 @@ def applied_levers(
     return {
         "vision_no_grad": bool(vision_parts),
         "vision_no_grad_modules": vision_parts,
+        "vision_chunk": cfg.vision_chunk if vision_parts else None,
         "qlora_upcast": cfg.qlora_upcast if cfg.finetune == "qlora" else None,
         "lora_dropout": cfg.lora_dropout if cfg.finetune in ("lora", "qlora") else None,
         "fused_lora_layers": fused_lora,

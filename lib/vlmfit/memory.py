@@ -201,6 +201,11 @@ VISION_LAYER_H, VISION_LAYER_I_GATED, VISION_LAYER_I_PLAIN = 16.0, 6.0, 4.0
 #: (fc1 + GELU-tanh: 4vi; QuickGELU's temporaries: 6vi; gated SiLU: 8vi) and the pixels (the
 #: batch's bf16 pixel values, the processor's copies: 9 bytes per pixel of a patch).
 VISION_NOGRAD_H, VISION_NOGRAD_PIXEL = 6.0, 9.0
+#: The chunked tiled tower (``RunConfig.vision_chunk``): the transient of one pass of N tiles,
+#: plus the outputs of every tile, two bf16 copies while they are joined (bytes / hidden unit).
+VISION_CHUNK_OUT_H = 4.0
+#: ``RunConfig.vision_chunk``'s default (tiles a pass), what ``recipe="vlmfit"`` predicts.
+VISION_CHUNK_TILES = 32
 VISION_NOGRAD_I = {"gelu_tanh": 4.0, "quick_gelu": 6.0, "gated": 8.0}
 #: LayerNorm towers (SigLIP, Qwen2-VL) under CUDA autocast: layer_norm runs in fp32, its
 #: output is fp32 (+2vh). Measured on CPU with CUDA's fp32 layer_norm, bytes per patch (+ the
@@ -292,6 +297,7 @@ class Arch:
     vision_params: int
     projector_params: int
     lora_in_out: int  # sum over one layer's LoRA targets of (in + out) features
+    tile_patches: int = 0  # patches per tile of a tiled tower (Idefics3); 0: one flat sequence
 
     @property
     def q_width(self) -> int:
@@ -395,6 +401,7 @@ def arch_from_config(cfg: dict[str, Any]) -> Arch:
         vision_params=vision,
         projector_params=projector,
         lora_in_out=lora_in_out,
+        tile_patches=(v["image_size"] // v["patch_size"]) ** 2 if mt == "idefics3" else 0,
     )
 
 
@@ -586,6 +593,7 @@ def estimate(
     fused_lora: bool | None = None,
     activation_offloading: bool | None = False,
     autocast: bool | None = None,
+    vision_chunk: int | None = None,
 ) -> Estimate:
     """Predict the peak memory of one training step (GiB), with its breakdown.
 
@@ -646,6 +654,8 @@ def estimate(
         vision_no_grad = fast or not (finetune in ("lora", "qlora") and gradient_checkpointing)
     if autocast is None:  # fastpath.uses_autocast: fused LoRA already computes in bf16
         autocast = not (fast and finetune in ("lora", "qlora") and fused_lora)
+    if vision_chunk is None:  # RunConfig.vision_chunk (the plain recipe: all tiles at once)
+        vision_chunk = VISION_CHUNK_TILES if fast else 0
     if activation_offloading is None:  # fastpath.offloads_activations
         activation_offloading = (
             fast
@@ -787,6 +797,12 @@ def estimate(
         v_forward = vision_forward_bytes(a, autocast=autocast, four_bit=qlora and qlora_vision_4bit)
         v_forward += (act - 1.0) * (v_forward - VISION_NOGRAD_PIXEL * a.patch_pixels)
         notes.append("vision tower without autograd: no activations kept for backward")
+    v_phase = pt * v_forward  # bytes of the tower's forward for the whole batch
+    if vision_no_grad and vision_chunk and a.tile_patches and pt > vision_chunk * a.tile_patches:
+        pixel = VISION_NOGRAD_PIXEL * a.patch_pixels
+        chunk_pt = vision_chunk * a.tile_patches
+        v_phase = pt * (pixel + VISION_CHUNK_OUT_H * vh * act) + chunk_pt * (v_forward - pixel)
+        notes.append(f"vision tower {vision_chunk} tiles a pass (vision_chunk)")
 
     g = 1 / GIB
     vis_kept = pt * v_kept * g
@@ -801,12 +817,12 @@ def estimate(
                      "activations (adapter copies)": adapter_copies,
                      "logits + loss": head_backward * g},
         # the frozen vision tower's forward, before the language model runs
-        "vision": {"activations (vision)": 0.0, "activations (vision forward)": pt * v_forward * g,
+        "vision": {"activations (vision)": 0.0, "activations (vision forward)": v_phase * g,
                    "activations (LM)": 0.0, "logits + loss": 0.0},
     }  # fmt: skip
     if dpo:  # the reference forward (no autograd) runs while the policy's activations are kept
         ref_lm = (tokens * (REFERENCE_LAYER_H * h + REFERENCE_LAYER_I * i) * act + head_forward) * g
-        ref_vision = pt * v_forward * g if vision_no_grad else 0.0  # its tower, then its layers
+        ref_vision = v_phase * g if vision_no_grad else 0.0  # its tower, then its layers
         phases["reference"] = {
             "activations (vision)": vis_kept,
             "activations (vision forward)": ref_vision if ref_vision > ref_lm else 0.0,
@@ -1580,6 +1596,9 @@ def _lever_flags(p: argparse.ArgumentParser) -> None:
                      "for 1B+ language models with checkpointing)")  # fmt: skip
     off.add_argument("--no-activation-offloading", dest="activation_offloading",
                      action="store_const", const=False, help="activation_offloading=False")  # fmt: skip
+    p.add_argument("--vision-chunk", type=int, default=None, metavar="TILES",
+                   help="a tiled vision tower (SmolVLM) TILES tiles a pass; 0: all at once "
+                   f"(default: the recipe's: vlmfit {VISION_CHUNK_TILES}, plain 0)")  # fmt: skip
     p.add_argument("--autocast", choices=["on", "off"], default=None,
                    help="the Trainer's bf16 autocast (default: vlmfit's rule, off with fused "
                    "LoRA)")  # fmt: skip
@@ -1627,6 +1646,7 @@ def cli_estimate(argv: list[str]) -> int:
             fused_lora=False if a.no_fused_lora else None,  # None: the recipe's default
             activation_offloading=a.activation_offloading,
             autocast=_autocast_arg(a.autocast),
+            vision_chunk=a.vision_chunk,
         )
     except (_UsageError, registry.UnknownModelError, ValueError) as err:
         print(f"vlmfit estimate: error: {err}", file=sys.stderr)
@@ -1806,7 +1826,7 @@ def _cfg_estimate(cfg, sequence_tokens: int, visual_tokens: int) -> Estimate:
     )
 
 
-def _cfg_levers(cfg) -> dict[str, bool]:
+def _cfg_levers(cfg) -> dict[str, Any]:
     """The levers ``cfg``'s run will train with, as the estimator takes them: ``fused_lora``,
     and TRL's offloading and the Trainer's autocast as ``vlmfit.fastpath`` resolves them."""
     from vlmfit import fastpath
@@ -1819,6 +1839,7 @@ def _cfg_levers(cfg) -> dict[str, bool]:
             offloads(cfg) if offloads else getattr(cfg, "activation_offloading", False)
         ),
         "autocast": bool(uses_autocast(cfg) if uses_autocast else getattr(cfg, "autocast", True)),
+        "vision_chunk": int(getattr(cfg, "vision_chunk", 0)),
     }
 
 

@@ -350,7 +350,7 @@ def build_model(cfg: RunConfig):
             model = get_peft_model(model, lora_config(cfg, model, spec))
     vision_parts: list[str] = []
     if fastpath.vision_runs_without_grad(cfg):
-        vision_parts = fastpath.vision_without_autograd(model, spec)
+        vision_parts = fastpath.vision_without_autograd(model, spec, cfg.vision_chunk)
     model.vlmfit_vision_no_grad = vision_parts
     model.vlmfit_fused_lora = fastpath.fuse_lora(model) if cfg.fused_lora else 0
     model.vlmfit_packing = None
