@@ -18,7 +18,7 @@ micro-batch ``--mb``. The visual-token count, the sequence and the vision tower'
 layout change at every step.
 
 The step is the SFT Trainer's: TRL's fused LM head, the activation offloading context when
-vlmfit turns it on (``fastpath.offloads_activations``: 1B+ language models on a GPU),
+when the run turns it on (``fastpath.offloads_activations``; ``--set activation_offloading=True``),
 backward, gradient clipping, fused AdamW, ``zero_grad(set_to_none=True)``. Batches come
 from the processor (``memory.model_batch``) and are copied to the GPU per step, outside the
 timed part.

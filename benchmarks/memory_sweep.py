@@ -269,7 +269,7 @@ def estimate_command(args: dict[str, Any]) -> str:
         cmd += " --no-fused-lora"
     if args.get("activation_offloading"):
         cmd += " --activation-offloading"
-    else:  # the CLI's default is vlmfit's rule (on for 1B+ language models)
+    else:  # explicit: rows measured before run 6 ran with the old rule (on for 1B+ models)
         cmd += " --no-activation-offloading"
     if args.get("autocast") is not None:
         cmd += f" --autocast {'on' if args['autocast'] else 'off'}"

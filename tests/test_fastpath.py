@@ -414,24 +414,19 @@ def test_fused_lora_leaves_disabled_dropout_and_merged_adapters_to_peft():
     torch.testing.assert_close(fused(x), with_adapter, rtol=1e-5, atol=1e-5)
 
 
-def test_activation_offloading_defaults_on_for_large_language_models_on_a_gpu(monkeypatch):
-    """None (the default) offloads on a GPU for 1B+ language models with checkpointing, where
-    the 7B measured -1.07 GiB at no speed cost; an explicit value always wins."""
+def test_activation_offloading_is_off_unless_asked_or_needed(monkeypatch):
+    """None (the default) is off, GPU or not: with fused LoRA the copies no longer hide (the
+    7B, run 6: -32% tokens/s for -1.12 GiB); the memory check turns it on where the run fits
+    no other way (tests/test_memory.py); an explicit value always wins."""
 
     def cfg(model, **kw):
         return resolve({"model": model, **kw})[0]
 
-    assert not fastpath.offloads_activations(cfg("qwen2.5-vl-7b"))  # no CUDA here
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert fastpath.offloads_activations(cfg("qwen2.5-vl-7b"))
-    assert fastpath.offloads_activations(cfg("qwen2-vl-2b"))
-    assert not fastpath.offloads_activations(cfg("smolvlm"))
-    assert not fastpath.offloads_activations(cfg("qwen2.5-vl-7b", gradient_checkpointing=False))
-    assert not fastpath.offloads_activations(cfg("qwen2.5-vl-7b", activation_offloading=False))
+    for model in ("qwen2.5-vl-7b", "qwen2-vl-2b", "smolvlm"):
+        assert not fastpath.offloads_activations(cfg(model))
     assert fastpath.offloads_activations(cfg("smolvlm", activation_offloading=True))
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # sharded engines: not by default
-    monkeypatch.setattr("vlmfit.distributed.is_distributed", lambda: True)
-    assert not fastpath.offloads_activations(cfg("qwen2.5-vl-7b"))
+    assert not fastpath.offloads_activations(cfg("qwen2.5-vl-7b", activation_offloading=False))
 
 
 def test_autocast_is_off_where_fused_lora_already_computes_in_bf16(shapes, tiny_cache, tmp_path):

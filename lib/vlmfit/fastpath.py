@@ -251,21 +251,17 @@ def fuse_lora(model) -> int:
     return n
 
 
-#: Language-model linear parameters from which ``activation_offloading=None`` offloads: the 7B
-#: measured -1.07 GiB at micro-batch 4 and no slower (docs/benchmarks.md, run 5). A small
-#: model's layers are too short to hide the copies (and its checkpoints are small).
-OFFLOAD_FROM_PARAMS = 1_000_000_000
-
-
 def offloads_activations(cfg) -> bool:
-    """Whether the checkpointed layer inputs go to pinned CPU memory (TRL's offloading)."""
+    """Whether the checkpointed layer inputs go to pinned CPU memory (TRL's offloading).
+
+    ``None`` (the default) is off: with fused LoRA the 7B's step is fast enough that the
+    copies no longer hide (run 6: 5,998 -> 4,091 tokens/s for -1.12 GiB, micro-batch 4).
+    ``train.run`` turns it on where the memory check predicts the run fits only with it
+    (``memory.check_fits``), as does ``make plan``.
+    """
     if cfg.activation_offloading is not None:
         return bool(cfg.activation_offloading)
-    from vlmfit import distributed, memory
-
-    if not (torch.cuda.is_available() and cfg.gradient_checkpointing) or distributed.sharded():
-        return False
-    return memory.arch(cfg.spec).lm_linear_params >= OFFLOAD_FROM_PARAMS
+    return False
 
 
 def uses_autocast(cfg) -> bool:

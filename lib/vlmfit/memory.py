@@ -186,10 +186,11 @@ REFERENCE_LAYER_H, REFERENCE_LAYER_I = 8.0, 8.0
 #: five layers' inputs). Measured: Qwen2.5-VL-7B LoRA mb 4, 6,869 tokens: 20.03 -> 18.96 GiB
 #: (23 of 28 layer inputs off the GPU: 1.06 GiB predicted).
 OFFLOAD_STASH_TENSORS = 5
-#: ``RunConfig.activation_offloading=None`` offloads (with checkpointing, one GPU or DDP) from
-#: this many language-model linear parameters: ``fastpath.OFFLOAD_FROM_PARAMS``, mirrored here
-#: so that estimating does not import torch (a test keeps the two equal).
-OFFLOAD_AUTO_FROM_PARAMS = 1_000_000_000
+#: Tokens/s with activation offloading relative to without (Qwen2.5-VL-7B LoRA, fused LoRA,
+#: micro-batch 4, end to end on an H200, run 6: 4,091 / 5,998): the planner's and the memory
+#: check's price for the GiB it frees; ``RunConfig.activation_offloading=None`` pays it only
+#: where the run fits no other way.
+OFFLOAD_SPEED = 0.68
 
 #: Vision block saved activations per patch (bf16) when autograd tracks the frozen tower (the
 #: plain recipe), multiples of vision hidden vh / MLP vi: two norms (fp32 input, 4vh each),
@@ -615,8 +616,7 @@ def estimate(
     keep it once; off, PEFT's layer keeps a bf16 copy of its input per adapted linear (and
     an fp32 copy in flight). ``activation_offloading`` (``RunConfig.activation_offloading``,
     TRL's): what autograd keeps goes to pinned CPU memory but for the last few tensors;
-    None: vlmfit's rule (with checkpointing, on one GPU or DDP, for language models of 1B+
-    linear parameters). ``autocast`` (``RunConfig.autocast``; None: vlmfit's rule, off for
+    None: off (training turns it on only where the run fits no other way: ``check_fits``). ``autocast`` (``RunConfig.autocast``; None: vlmfit's rule, off for
     LoRA / QLoRA with fused LoRA, else on): without it PEFT's LoRA keeps fp32 input copies
     and LayerNorm vision towers run in bf16.
     ``nproc`` / ``engine`` (ddp, fsdp2, zero3): the peak of one GPU of ``nproc``
@@ -656,13 +656,8 @@ def estimate(
         autocast = not (fast and finetune in ("lora", "qlora") and fused_lora)
     if vision_chunk is None:  # RunConfig.vision_chunk (the plain recipe: all tiles at once)
         vision_chunk = VISION_CHUNK_TILES if fast else 0
-    if activation_offloading is None:  # fastpath.offloads_activations
-        activation_offloading = (
-            fast
-            and gradient_checkpointing
-            and (nproc == 1 or engine == "ddp")
-            and a.lm_linear_params >= OFFLOAD_AUTO_FROM_PARAMS
-        )
+    if activation_offloading is None:  # fastpath.offloads_activations: only to fit (check_fits)
+        activation_offloading = False
 
     # -- tokens
     if visual_tokens is None:
@@ -914,7 +909,7 @@ class Candidate:
     nproc: int = 1
     engine: str = "ddp"
     fused_lora: bool = True  # RunConfig.fused_lora the estimate assumed
-    activation_offloading: bool | None = None  # as asked (None: vlmfit's rule, the default)
+    activation_offloading: bool | None = None  # as asked (None: off unless needed to fit)
     autocast: bool | None = None  # as asked (None: vlmfit's rule, the default)
 
     @property
@@ -1093,6 +1088,23 @@ def plan(
                         activation_offloading=activation_offloading,
                         autocast=autocast,
                     )
+                    if (
+                        c.required_gib > gpu_gib
+                        and activation_offloading is None
+                        and gc_on
+                        and (nproc == 1 or engine == "ddp")
+                    ):  # what RunConfig.activation_offloading=None does: offload to fit
+                        e = estimate(
+                            spec, finetune=ft, lora_r=lora_r, micro_batch=mb,
+                            text_tokens=text_tokens, image_size=image_size, budget=budget,
+                            gradient_checkpointing=gc_on, vision_no_grad=vision_no_grad,
+                            nproc=nproc, engine=engine, fused_lora=fused_lora,
+                            activation_offloading=True, autocast=autocast,
+                        )  # fmt: skip
+                        c = dataclasses.replace(
+                            c, estimate=e, required_gib=_required(e, margin),
+                            score=c.score * OFFLOAD_SPEED, activation_offloading=True,
+                        )  # fmt: skip
                     tried.append(c)
                     if c.required_gib <= gpu_gib:
                         out.append(c)
@@ -1592,8 +1604,8 @@ def _lever_flags(p: argparse.ArgumentParser) -> None:
     off = p.add_mutually_exclusive_group()
     off.add_argument("--activation-offloading", dest="activation_offloading",
                      action="store_const", const=True, default=None,
-                     help="kept activations in pinned CPU memory (default: vlmfit's rule, on "
-                     "for 1B+ language models with checkpointing)")  # fmt: skip
+                     help="kept activations in pinned CPU memory (default: off; training "
+                     "turns it on only where the run fits no other way)")  # fmt: skip
     off.add_argument("--no-activation-offloading", dest="activation_offloading",
                      action="store_const", const=False, help="activation_offloading=False")  # fmt: skip
     p.add_argument("--vision-chunk", type=int, default=None, metavar="TILES",
@@ -1860,12 +1872,31 @@ def _advice_line(cfg, gpu_gib: float, sequence_tokens: int, visual_tokens: int) 
 def check_fits(cfg, sequence_tokens: int, visual_tokens: int, gpu_gib: float | None = None):
     """Before the model loads: refuse ``cfg`` when its predicted peak (with the planner's
     margin and the CUDA context) exceeds the GPU, saying what would fit. Returns the
-    estimate; does nothing without CUDA and no ``gpu_gib``."""
+    estimate; does nothing without CUDA and no ``gpu_gib``.
+
+    ``activation_offloading=None`` is decided here: ``cfg.activation_offloading`` becomes
+    True where the run is predicted to fit only with its checkpoints in CPU memory (at
+    ``OFFLOAD_SPEED`` of the speed), else False.
+    """
     gpu = gpu_gib if gpu_gib is not None else local_gpu_gib()
     if gpu is None:
         return None
     e = _cfg_estimate(cfg, sequence_tokens, visual_tokens)
     need = _required(e, 0.0)
+    if getattr(cfg, "activation_offloading", False) is None:
+        from vlmfit import distributed
+
+        cfg.activation_offloading = False
+        if need > gpu and cfg.gradient_checkpointing and not distributed.sharded():
+            cfg.activation_offloading = True
+            e_on = _cfg_estimate(cfg, sequence_tokens, visual_tokens)
+            if _required(e_on, 0.0) <= gpu:
+                print(
+                    f"activation_offloading: on (predicted {e.peak_gib:.1f} GiB without it, "
+                    f"{e_on.peak_gib:.1f} GiB with it, on a {gpu:.1f} GiB GPU)"
+                )
+                return e_on
+            cfg.activation_offloading = None  # neither fits: the advice searches both
     if need > gpu:
         raise WontFitError(
             f"{cfg.model} {cfg.finetune}, micro-batch {cfg.per_device_train_batch_size}, "
