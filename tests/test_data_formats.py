@@ -21,8 +21,8 @@ import pytest
 from PIL import Image
 
 from vlmfit.data.formats import load_records
+from vlmfit.data.records import Record
 from vlmfit.data.validate import check_dataset, cli_check
-from vlmfit.records import Record
 
 IMG = {"type": "image"}
 

@@ -17,8 +17,8 @@ from PIL import Image
 
 from vlmfit import budget as B
 from vlmfit.data.formats import load_records
+from vlmfit.data.records import DataError
 from vlmfit.data.validate import check_dataset
-from vlmfit.records import DataError
 
 
 @pytest.fixture(autouse=True)

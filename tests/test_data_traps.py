@@ -18,8 +18,8 @@ from PIL import Image
 
 from vlmfit import registry
 from vlmfit.data.formats import load_records
+from vlmfit.data.records import DataError, Record
 from vlmfit.data.validate import check_dataset, validate_records
-from vlmfit.records import DataError, Record
 
 LINE = re.compile(r"^.+:(\d+|-): [a-zA-Z<'].+")  # FILE:RECORD: reason
 

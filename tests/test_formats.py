@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from vlmfit.data.formats import FORMATS, detect_format, load_records, parse_record
-from vlmfit.records import MediaRef, Record
+from vlmfit.data.records import MediaRef, Record
 
 DEMO = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "llamafactory_mllm_demo"
 needs_demo = pytest.mark.skipif(not DEMO.is_dir(), reason=f"shared fixture {DEMO} absent")

@@ -30,7 +30,7 @@ from vlmfit.data.media import (
     sample_count,
     sample_video,
 )
-from vlmfit.records import MediaRef
+from vlmfit.data.records import MediaRef
 
 DEMO = Path(__file__).resolve().parents[2] / "shared/fixtures/llamafactory_mllm_demo/mllm_demo_data"
 needs_demo = pytest.mark.skipif(not DEMO.is_dir(), reason="demo media not available")
@@ -368,9 +368,9 @@ def test_seeking_matches_sequential_decode(monkeypatch):
     path = DEMO / "3.mp4"  # B-frames, two keyframes
     seq, seq_t = sample_video(path, fps=4.0)
     calls = []
-    real = media._Cursor.restart
-    monkeypatch.setattr(media._Cursor, "restart", lambda s, t: calls.append(t) or real(s, t))
-    monkeypatch.setattr(media, "_MIN_SKIP_S", -1.0)  # seek whenever a keyframe is ahead
+    real = media.videos._Cursor.restart
+    monkeypatch.setattr(media.videos._Cursor, "restart", lambda s, t: calls.append(t) or real(s, t))
+    monkeypatch.setattr(media.videos, "_MIN_SKIP_S", -1.0)  # seek whenever a keyframe is ahead
     sk, sk_t = sample_video(path, fps=4.0)
     assert any(t is not None for t in calls)
     assert sk_t == seq_t and _same(sk, seq)
@@ -387,12 +387,12 @@ def test_synthetic_video_seeking_and_frame_choice(tmp_path, monkeypatch):
     assert seq_t == pytest.approx([0.2, 0.7, 1.2, 1.7, 2.2, 2.7, 3.2, 3.7])
     reds = [int(np.asarray(f)[24, 32, 0]) for f in seq]
     assert all(abs(r - 6 * round(t * 10)) <= 8 for r, t in zip(reds, seq_t, strict=True))
-    monkeypatch.setattr(media, "_MIN_SKIP_S", -1.0)
+    monkeypatch.setattr(media.videos, "_MIN_SKIP_S", -1.0)
     sk, sk_t = sample_video(path, fps=2.0)
     assert sk_t == seq_t and _same(sk, seq)
     # without a usable index (gap-based seeking)
-    monkeypatch.setattr(media, "_keyframe_index", lambda stream, cur: [])
-    monkeypatch.setattr(media, "_SEEK_GAP_S", 0.3)
+    monkeypatch.setattr(media.videos, "_keyframe_index", lambda stream, cur: [])
+    monkeypatch.setattr(media.videos, "_SEEK_GAP_S", 0.3)
     gp, gp_t = sample_video(path, fps=2.0)
     assert gp_t == seq_t and _same(gp, seq)
 

@@ -19,7 +19,7 @@ from vlmfit import budget as B
 from vlmfit import registry
 from vlmfit.budget import Budget
 from vlmfit.data import media
-from vlmfit.records import DataError
+from vlmfit.data.records import DataError
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "llamafactory_mllm_demo"
 VIDEO_DEMO = FIXTURE / "mllm_video_demo.json"
@@ -290,7 +290,7 @@ def test_atomic_output_on_failure(tmp_path: Path, pp, monkeypatch) -> None:
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(pp, "_trl_row", boom)
+    monkeypatch.setattr(pp.output, "_trl_row", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         pp.preprocess(data, "tiny-qwen2-vl", cache_dir=cache, workers=1, progress=False)
     assert list(cache.iterdir()) == []  # no half-written folder, no temporary left behind

@@ -18,8 +18,8 @@ from PIL import Image
 
 from vlmfit import cli
 from vlmfit.data import media, validate
+from vlmfit.data.records import DataError, MediaRef, Record
 from vlmfit.data.validate import check_dataset, validate_records
-from vlmfit.records import DataError, MediaRef, Record
 
 DEMO = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "llamafactory_mllm_demo"
 needs_demo = pytest.mark.skipif(not DEMO.is_dir(), reason=f"shared fixture {DEMO} absent")

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from vlmfit.records import Record, message_text
+from vlmfit.data.records import Record, message_text
 
 
 def normalise(text: str) -> str:

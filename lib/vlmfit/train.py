@@ -24,7 +24,7 @@ import torch
 
 from vlmfit import distributed, fastpath, memory, runs
 from vlmfit.config import ConfigError, RunConfig, resolve, validate
-from vlmfit.records import Record
+from vlmfit.data.records import Record
 
 # ----------------------------------------------------------------------------- data
 

@@ -1,1 +1,2 @@
-"""Dataset readers for peers' formats, validation, and the bundled synthetic dataset."""
+"""The data stage: the canonical record, readers for peers' formats, validation, media
+(images and videos), and the bundled synthetic dataset."""

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vlmfit.data.files import type_name as _type
-from vlmfit.records import text_part
+from vlmfit.data.records import text_part
 
 __all__ = [
     "EXPECTED",

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from vlmfit.records import Problem
+from vlmfit.data.records import Problem
 
 __all__ = [
     "DATA_SUFFIXES",

@@ -1,4 +1,4 @@
-"""Read peers' multimodal datasets, unchanged, into the canonical :class:`~vlmfit.records.Record`.
+"""Read peers' multimodal datasets, unchanged, into the canonical :class:`~vlmfit.data.records.Record`.
 
 Usage::
 
@@ -106,7 +106,7 @@ from vlmfit.data.converters import (
 )
 from vlmfit.data.files import DATA_SUFFIXES, FILE, Row, find_units, read_disk, read_rows
 from vlmfit.data.files import type_name as _type
-from vlmfit.records import MediaRef, Problem, Record
+from vlmfit.data.records import MediaRef, Problem, Record
 
 __all__ = [
     "FORMATS",

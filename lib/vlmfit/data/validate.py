@@ -38,7 +38,7 @@ from typing import Any, Literal
 
 from vlmfit.data import media
 from vlmfit.data.formats import FORMATS, load_records
-from vlmfit.records import DataError, MediaRef, Problem, Record, count_parts, message_text
+from vlmfit.data.records import DataError, MediaRef, Problem, Record, count_parts, message_text
 from vlmfit.registry import ModelSpec
 
 __all__ = ["Report", "check_dataset", "cli_check", "reason_kind", "validate_records"]
@@ -339,7 +339,7 @@ def check_dataset(
 ) -> Report:
     """Load and validate a dataset.
 
-    ``on_error="fail"`` raises :class:`~vlmfit.records.DataError` listing every problem if
+    ``on_error="fail"`` raises :class:`~vlmfit.data.records.DataError` listing every problem if
     there is any; ``"skip"`` returns the good records, with the problems and how many
     records (or whole files) were skipped. ``split`` / ``dataset`` go to
     :func:`~vlmfit.data.formats.load_records`; ``model`` (a registry name) also refuses,

@@ -1,0 +1,57 @@
+"""Visual-token budget: what an image (or video) costs, exactly as the processor counts it.
+
+The image processors' size arithmetic re-implemented per family (``qwen``, ``idefics3``;
+transformers 5.23, checked against the real processors in ``tests/test_budget.py``), the
+user's :class:`Budget` and its processor settings / resize targets (``cost``), and
+``python -m vlmfit tokens`` (``cli``)::
+
+    >>> from vlmfit import registry
+    >>> from vlmfit.budget import Budget, image_tokens
+    >>> image_tokens(registry.get("qwen2.5-vl-7b"), 1000, 1000, Budget(max_image_tokens=256))
+    256
+"""
+
+from vlmfit.budget.cli import add_budget_arguments, budget_from_args, cli_tokens
+from vlmfit.budget.cost import (
+    Budget,
+    budget_size,
+    cost_table,
+    image_sequence_tokens,
+    image_tokens,
+    processor_kwargs,
+)
+from vlmfit.budget.idefics3 import IDEFICS3_MAX_IMAGE_SIZE, idefics3_layout
+from vlmfit.budget.qwen import (
+    QWEN_CARD_MAX_TOKENS,
+    QWEN_IMAGE_DEFAULTS,
+    QWEN_MAX_ASPECT_RATIO,
+    QWEN_VIDEO_DEFAULTS,
+    qwen_grid,
+    sampled_frames,
+    smart_resize,
+    video_frame_size,
+    video_tokens,
+)
+
+__all__ = [
+    "IDEFICS3_MAX_IMAGE_SIZE",
+    "QWEN_CARD_MAX_TOKENS",
+    "QWEN_IMAGE_DEFAULTS",
+    "QWEN_MAX_ASPECT_RATIO",
+    "QWEN_VIDEO_DEFAULTS",
+    "Budget",
+    "add_budget_arguments",
+    "budget_from_args",
+    "budget_size",
+    "cli_tokens",
+    "cost_table",
+    "idefics3_layout",
+    "image_sequence_tokens",
+    "image_tokens",
+    "processor_kwargs",
+    "qwen_grid",
+    "sampled_frames",
+    "smart_resize",
+    "video_frame_size",
+    "video_tokens",
+]
