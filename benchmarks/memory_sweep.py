@@ -560,9 +560,9 @@ def measure(c: dict[str, Any], work: Path, steps: int = 3, warmup: int = 1) -> d
     b = max(seen, key=lambda x: x["rows"] * x["seq"]) if seen else {}
     span = image_span(c)
     seq = b.get("seq", span + NOMINAL_TEXT_TOKENS)
-    from vlmfit import memory
+    from vlmfit.memory import planner
 
-    levers = memory._cfg_levers(cfg) if hasattr(cfg, "fused_lora") else {"fused_lora": False}
+    levers = planner._cfg_levers(cfg) if hasattr(cfg, "fused_lora") else {"fused_lora": False}
     args = estimate_args(c, max(0, seq - span), **levers)
     e = predict(args)
     return {

@@ -11,9 +11,10 @@ import math
 
 import pytest
 
-from vlmfit import measured, memory, report
+from vlmfit import memory, report
 from vlmfit.budget import Budget
 from vlmfit.config import RunConfig
+from vlmfit.memory import phases, planner, reference
 
 
 def _memory_jsonl(folder, rows):
@@ -85,17 +86,17 @@ def test_growth_caption_with_too_few_steps():
 
 
 def _validation():
-    if not measured.VALIDATION.exists():
+    if not reference.VALIDATION.exists():
         pytest.skip("docs/memory-validation.json is not in this checkout (a GPU sweep writes it)")
-    doc = json.loads(measured.VALIDATION.read_text())
+    doc = json.loads(reference.VALIDATION.read_text())
     return doc, [r for r in doc["rows"] if r.get("measured_gib") is not None]
 
 
 def test_reference_has_one_row_per_measured_configuration():
     doc, measured_rows = _validation()
-    rows = measured.reference_rows(runs_dir=None)
+    rows = reference.reference_rows(runs_dir=None)
     assert len(rows) == len(measured_rows)
-    assert all(set(measured.REFERENCE_COLUMNS) <= set(r) for r in rows)
+    assert all(set(reference.REFERENCE_COLUMNS) <= set(r) for r in rows)
     by_id = {r["id"]: r for r in rows}
     assert set(by_id) == {r["id"] for r in measured_rows}
     for src in measured_rows:
@@ -128,16 +129,16 @@ def test_reference_has_one_row_per_measured_configuration():
 
 def test_reference_renders_with_its_source(capsys):
     doc, measured_rows = _validation()
-    rows = measured.reference_rows(runs_dir=None)
-    md = measured.reference_markdown(rows, measured.reference_source())
+    rows = reference.reference_rows(runs_dir=None)
+    md = reference.reference_markdown(rows, reference.reference_source())
     lines = md.splitlines()
     assert lines[0].startswith("| model | method | kind | image (budget)")
     assert sum(line.startswith("| ") for line in lines) == 1 + len(measured_rows)
     assert doc["gpu"] in md and doc["command"] in md
     assert f"torch {doc['versions']['torch']}" in md
-    page = measured.reference_html(rows, measured.reference_source())
+    page = reference.reference_html(rows, reference.reference_source())
     assert page.count("<tr>") == 1 + len(rows) + len({(r["model"], r["method"]) for r in rows})
-    assert measured.reference_pivot(rows).count("<tr>") == 1 + len(
+    assert reference.reference_pivot(rows).count("<tr>") == 1 + len(
         {(r["model"], r["method"]) for r in rows}
     )
     from vlmfit.cli import main
@@ -167,18 +168,18 @@ def test_reference_adds_cuda_runs_and_leaves_out_cpu_runs(tmp_path):
     _memory_jsonl(
         runs_dir / "gpu-run", _cuda_rows(5, lambda s: 16.0, lambda s: 17.5, lambda s: 17.2)
     )
-    rows = measured.reference_rows(tmp_path / "absent.json", runs_dir)
+    rows = reference.reference_rows(tmp_path / "absent.json", runs_dir)
     assert [r["id"] for r in rows] == ["gpu-run"]
     (r,) = rows
     assert r["measured_gib"] == 17.2 and r["reserved_gib"] == 17.5 and r["gpu"] == "NVIDIA H200"
     assert (r["micro_batch"], r["checkpointing"], r["source"]) == (2, True, "runs/gpu-run")
     assert r["predicted_gib"] is None  # a run records no prediction
-    expected = memory._cfg_estimate(RunConfig(**json.loads(
+    expected = planner._cfg_estimate(RunConfig(**json.loads(
         (runs_dir / "gpu-run" / "config.json").read_text())["config"]), 1700, 1296).peak_gib  # fmt: skip
     assert r["predicted_now_gib"] == pytest.approx(expected)
     assert r["error_now_pct"] == pytest.approx(100 * (expected / 17.2 - 1))
-    src = measured.reference_source(tmp_path / "absent.json")
-    assert "missing" in src and "No measured reference" in measured.reference_markdown(rows, src)
+    src = reference.reference_source(tmp_path / "absent.json")
+    assert "missing" in src and "No measured reference" in reference.reference_markdown(rows, src)
 
 
 # ------------------------------------------------------------ predicted vs measured (6)
@@ -186,9 +187,9 @@ def test_reference_adds_cuda_runs_and_leaves_out_cpu_runs(tmp_path):
 
 def test_phases_measured_on_cpu_are_the_tensors_and_the_peak_is_not(tiny_cache):
     cfg = RunConfig(model="tiny-smolvlm", per_device_train_batch_size=2)
-    res = measured.measure_phases(cfg, image_size=(64, 64), text_tokens=32, steps=2)
+    res = phases.measure_phases(cfg, image_size=(64, 64), text_tokens=32, steps=2)
     rows = {r["phase"]: r for r in res["rows"]}
-    assert list(rows) == [p for p, _, _ in measured.PHASES]
+    assert list(rows) == [p for p, _, _ in phases.PHASES]
     trainable = res["estimate"].trainable_params
     # LoRA adapters train in fp32: 4 bytes a gradient, AdamW keeps two fp32 moments
     assert rows["gradients"]["measured_gib"] == pytest.approx(4 * trainable / 2**30, rel=0.01)
@@ -203,9 +204,9 @@ def test_phases_measured_on_cpu_are_the_tensors_and_the_peak_is_not(tiny_cache):
     assert sum(r["predicted_gib"] for p, r in rows.items() if p != "peak allocated") == (
         pytest.approx(res["estimate"].peak_gib)
     )
-    table = measured.phase_table(res)
+    table = phases.phase_table(res)
     assert "not measured" in table and "optimizer state tensor bytes" in table
-    fig = measured.plot_phases(res)
+    fig = phases.plot_phases(res)
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()][0] == "weights (+ adapters)\n(measured)"
     assert len(ax.patches) == 5 + 3  # predicted for every phase, measured where measured
@@ -226,6 +227,6 @@ def test_profile_report_has_phases_and_reference(tiny_cache, tmp_path):
     assert "Traceback" not in text
     assert "Predicted vs. measured per phase" in text and "optimizer state tensor bytes" in text
     assert "Reference: measured peaks on an H200" in text
-    if measured.VALIDATION.exists():
-        doc = json.loads(measured.VALIDATION.read_text())
+    if reference.VALIDATION.exists():
+        doc = json.loads(reference.VALIDATION.read_text())
         assert "measured peak GiB" in text and doc["command"] in text

@@ -12,6 +12,7 @@ import torch
 from vlmfit import memory, registry
 from vlmfit.budget import Budget
 from vlmfit.config import RunConfig
+from vlmfit.memory import planner
 
 FULL_SIZE = [n for n in registry.names(include_tiny=False)]
 
@@ -351,7 +352,7 @@ def test_levers_reach_the_estimate_from_the_cli_the_config_and_the_planner(capsy
     for over in ({}, {"fused_lora": False}, {"activation_offloading": True}, {"autocast": True}):
         cfg = RunConfig(model="qwen2.5-vl-7b", weights="random", per_device_train_batch_size=4,
                         **over)  # fmt: skip
-        e = memory._cfg_estimate(cfg, 1717, 1296)
+        e = planner._cfg_estimate(cfg, 1717, 1296)
         assert e.fused_lora == cfg.fused_lora
         assert e.activation_offloading == fastpath.offloads_activations(cfg)
         assert e.autocast == fastpath.uses_autocast(cfg)
@@ -369,7 +370,7 @@ def test_levers_reach_the_estimate_from_the_cli_the_config_and_the_planner(capsy
     on = memory.estimate(
         "qwen2.5-vl-7b", micro_batch=8, text_tokens=420, activation_offloading=True
     )
-    gpu = (memory._required(off, 0.10) + memory._required(on, 0.10)) / 2
+    gpu = (planner._required(off, 0.10) + planner._required(on, 0.10)) / 2
     (c,) = memory.plan("qwen2.5-vl-7b", gpu, **kw)
     assert "activation_offloading=True" in c.make_args()
     assert c.score == pytest.approx(memory.relative_speed("lora", 8, True) * memory.OFFLOAD_SPEED)
@@ -554,7 +555,7 @@ def test_a_run_writes_memory_per_step_and_its_trend(tmp_path, tiny_cache):
 
 
 def test_a_cuda_oom_becomes_one_line_with_the_step_and_advice(monkeypatch):
-    monkeypatch.setattr(memory, "local_gpu_gib", lambda: 24.0)
+    monkeypatch.setattr(planner, "local_gpu_gib", lambda: 24.0)
     cfg = RunConfig(model="qwen2.5-vl-7b", weights="random", per_device_train_batch_size=8)
     err = memory.explain_oom(cfg, 37, 1717, 1296)
     msg = str(err)
@@ -600,9 +601,9 @@ def test_the_memory_check_offloads_only_where_the_run_fits_no_other_way(capsys):
     def cfg(**kw):
         return RunConfig(model="qwen2.5-vl-7b", per_device_train_batch_size=4, **kw)
 
-    off = memory._cfg_estimate(cfg(activation_offloading=False), 1717, 1296)
-    on = memory._cfg_estimate(cfg(activation_offloading=True), 1717, 1296)
-    need_off, need_on = memory._required(off, 0.0), memory._required(on, 0.0)
+    off = planner._cfg_estimate(cfg(activation_offloading=False), 1717, 1296)
+    on = planner._cfg_estimate(cfg(activation_offloading=True), 1717, 1296)
+    need_off, need_on = planner._required(off, 0.0), planner._required(on, 0.0)
     assert need_on < need_off
     roomy = cfg()
     memory.check_fits(roomy, 1717, 1296, gpu_gib=need_off + 1)

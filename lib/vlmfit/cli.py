@@ -8,7 +8,7 @@ Commands (``vlmfit COMMAND --help`` for each):
     preprocess  validate + budget + cache a dataset                (vlmfit.preprocess)
     estimate    predicted peak GPU memory of a training step       (vlmfit.memory)
     plan        predict peak memory and pick a config that fits    (vlmfit.memory)
-    reference   measured peak GPU memory beside the estimate       (vlmfit.measured)
+    reference   measured peak GPU memory beside the estimate       (vlmfit.memory)
     train       SFT / DPO / evaluate outside notebooks             (vlmfit.train)
     notebook    run a notebook with papermill and render HTML      (vlmfit.nbrun)
     index       rebuild reports/index.html                         (vlmfit.nbrun)
@@ -41,9 +41,9 @@ COMMANDS = {
     "tokens": ("vlmfit.budget", "cli_tokens"),
     "check": ("vlmfit.data.validate", "cli_check"),
     "data": ("vlmfit.data.synth", "main"),
-    "estimate": ("vlmfit.memory", "cli_estimate"),
-    "plan": ("vlmfit.memory", "cli_plan"),
-    "reference": ("vlmfit.measured", "cli_reference"),
+    "estimate": ("vlmfit.memory.cli", "cli_estimate"),
+    "plan": ("vlmfit.memory.cli", "cli_plan"),
+    "reference": ("vlmfit.memory.cli", "cli_reference"),
     "notebook": ("vlmfit.nbrun", "cli_notebook"),
     "train": ("vlmfit.cli", "cli_train"),
     "index": ("vlmfit.nbrun", "cli_index"),

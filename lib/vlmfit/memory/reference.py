@@ -1,41 +1,22 @@
-"""Measured GPU memory beside the estimate (issue 8, point 6).
-
-Two things ``make profile``'s report shows, both from measurements, never from the
-estimator alone:
-
-* the reference table (model x method x image budget): peak allocated memory of real
-  training steps, from the GPU sweep committed in ``docs/memory-validation.json``
-  (``benchmarks/memory_sweep.py``) and, where present, from the runs of a runs folder
-  (``runs/<run>/summary.json``, CUDA runs only), each with its micro-batch and gradient
-  checkpointing, and the estimator's prediction beside the measured peak;
-* predicted against measured per phase of one training step (weights, gradients,
-  optimizer states, activations, peak) for one configuration on this machine.
-
-Usage::
-
-    from vlmfit import measured
-
-    rows = measured.reference_rows()                 # docs/memory-validation.json + runs/
-    print(measured.reference_markdown(rows, measured.reference_source()))
-    phases = measured.measure_phases(RunConfig(model="tiny-smolvlm"), image_size=(64, 64))
-    measured.plot_phases(phases)
-
-    python -m vlmfit reference [--json] [--runs DIR] [--model M]
-"""
+"""The measured reference table: peak allocated memory of real training steps (model x
+method x image budget) from the GPU sweep (``docs/memory-validation.json``) and the CUDA
+runs of a runs folder, each beside the estimator's prediction."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import html
 import json
 import math
-import time
 from pathlib import Path
 from typing import Any
 
+from vlmfit.budget import Budget
+from vlmfit.memory.estimator import estimate
+from vlmfit.memory.planner import _cfg_estimate, worst_sample
+
 GIB = 2**30
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 #: The GPU sweep's table (``benchmarks/memory_sweep.py``), committed with the repository.
 VALIDATION = ROOT / "docs" / "memory-validation.json"
 METHOD_ORDER = ("lora", "qlora", "full", "projector")
@@ -52,11 +33,6 @@ REFERENCE_HEADERS = [
     "micro-batch", "checkpointing", "measured peak GiB", "reserved GiB", "predicted GiB",
     "error", "predicted now GiB", "error now", "GPU", "source",
 ]  # fmt: skip
-
-
-# ---------------------------------------------------------------------------------------------
-# Reference table from measured runs
-# ---------------------------------------------------------------------------------------------
 
 
 def _validation_path(path: str | Path | None) -> Path:
@@ -76,8 +52,6 @@ def _image_label(image: Any, max_image_tokens: int | None) -> str:
 
 def _predict_now(args: dict[str, Any]) -> float | None:
     """The estimator as it is in this checkout, on a sweep row's ``estimate_args``."""
-    from vlmfit import memory
-    from vlmfit.budget import Budget
 
     try:
         a = dict(args)
@@ -86,7 +60,7 @@ def _predict_now(args: dict[str, Any]) -> float | None:
         if a.get("image_size") is not None:
             a["image_size"] = tuple(a["image_size"])
         budget = Budget(max_image_tokens=mit) if mit else None
-        return memory.estimate(model, budget=budget, **a).peak_gib
+        return estimate(model, budget=budget, **a).peak_gib
     except Exception:  # noqa: BLE001 - a row the estimator cannot take keeps its measurement
         return None
 
@@ -167,7 +141,6 @@ def _run_rows(runs_dir: Path, estimate_now: bool) -> list[dict[str, Any]]:
 
 def _predict_run(config: dict[str, Any]) -> tuple[float, tuple[int, int]] | None:
     """What the run's memory check predicts: its configuration and longest sample."""
-    from vlmfit import memory
     from vlmfit.config import RunConfig
 
     try:
@@ -175,8 +148,8 @@ def _predict_run(config: dict[str, Any]) -> tuple[float, tuple[int, int]] | None
         cfg = RunConfig(**{k: v for k, v in config.items() if k in names})
         data = Path(cfg.data or "")
         folder = data.parent if data.name == "records.jsonl" else data
-        worst = memory.worst_sample(folder)
-        return memory._cfg_estimate(cfg, *worst).peak_gib, worst
+        worst = worst_sample(folder)
+        return _cfg_estimate(cfg, *worst).peak_gib, worst
     except Exception:  # noqa: BLE001 - no cache or an old configuration: no prediction
         return None
 
@@ -350,264 +323,3 @@ def reference_pivot(rows: list[dict[str, Any]]) -> str:
         for (m, f), by in cells.items()
     )
     return f"<table>{head}</tr>{body}</table>" if rows else "<p>(no measured configurations)</p>"
-
-
-def cli_reference(argv: list[str]) -> int:
-    """``python -m vlmfit reference [--json] [--runs DIR] [--model M] [--validation PATH]``."""
-    p = argparse.ArgumentParser(
-        prog="vlmfit reference",
-        description="Measured peak GPU memory (model x method x image budget) from the GPU "
-        "sweep (docs/memory-validation.json) and the CUDA runs of a runs folder, with the "
-        "estimator's prediction beside each measurement.",
-    )
-    p.add_argument("--json", action="store_true", help="rows and source as JSON")
-    p.add_argument("--runs", default="runs", help="runs folder to add CUDA runs from")
-    p.add_argument("--model", help="only this model's rows")
-    p.add_argument("--validation", help="the sweep's table (default docs/memory-validation.json)")
-    a = p.parse_args(argv)
-    rows = reference_rows(a.validation, a.runs, model=a.model)
-    source = reference_source(a.validation)
-    if a.json:
-        print(json.dumps({"source": source, "rows": rows}, indent=1, default=str))
-    else:
-        print(reference_markdown(rows, source))
-    return 0
-
-
-# ---------------------------------------------------------------------------------------------
-# Predicted against measured, per phase of one step
-# ---------------------------------------------------------------------------------------------
-
-#: (phase, estimator breakdown keys, how the measurement is made)
-PHASES = (
-    ("weights (+ adapters)", ("weights", "trainable params"), "measured"),
-    ("gradients", ("gradients",), "measured"),
-    ("optimizer states", ("optimizer states",), "measured"),
-    ("activations, logits, temporaries", None, "derived"),
-    ("peak allocated", "peak", "measured"),
-)
-
-
-def _tensor_bytes(tensors) -> int:
-    seen, total = set(), 0
-    for t in tensors:
-        if t is None or not hasattr(t, "untyped_storage"):
-            continue
-        try:
-            key = (t.device, t.untyped_storage().data_ptr())
-        except (RuntimeError, NotImplementedError):
-            key = id(t)
-        if key in seen:
-            continue
-        seen.add(key)
-        total += t.numel() * t.element_size()
-    return total
-
-
-def measure_phases(
-    cfg,
-    *,
-    image_size: tuple[int, int] = (448, 448),
-    text_tokens: int = 256,
-    steps: int = 2,
-) -> dict[str, Any]:
-    """One configuration's step, phase by phase, measured and predicted (GiB).
-
-    ``cfg`` is a ``vlmfit.config.RunConfig`` (vlmfit's defaults: checkpointing, the vision
-    tower without autograd when frozen); the model is built by ``train.build_model`` and
-    trained for ``steps`` forward + backward + AdamW steps on ``memory.synthetic_batch``,
-    as ``memory.profile_steps`` does. Measured, on the last step:
-
-    * weights: ``torch.cuda.memory_allocated`` after loading (CPU: parameter and buffer
-      bytes);
-    * gradients: bytes of the ``.grad`` tensors after backward (any device);
-    * optimizer states: bytes of the optimizer's state tensors after its step (any device);
-    * peak: ``torch.cuda.max_memory_allocated`` of the step (CUDA only: a CPU process's RSS
-      holds the interpreter and libraries, so it is not compared).
-
-    Derived: activations, logits and temporaries alive at the peak = peak - weights -
-    gradients - optimizer states (CUDA only). Predicted: ``memory.estimate``'s breakdown
-    for the same batch (tokens counted from it), summed into the same phases; the loop
-    materializes the logits (``model(**batch).loss``), so the estimate is made without the
-    fused LM head. Returns ``rows`` (phase, kind, predicted_gib, measured_gib) and the
-    context: ``device``, ``estimate`` (``Estimate``), tokens, ``step_s``.
-    """
-    import torch
-
-    from vlmfit import fastpath, memory, train
-
-    spec = cfg.spec
-    cuda = torch.cuda.is_available()
-    memory.free_memory()
-    model, processor = train.build_model(cfg)
-    if cuda:
-        torch.cuda.synchronize()
-        weights = torch.cuda.memory_allocated()
-    else:
-        weights = _tensor_bytes([*model.parameters(), *model.buffers()])
-    mb = cfg.per_device_train_batch_size
-    batch, visual, seq, dtype = memory.model_batch(
-        model, processor, spec, cfg, image_size, text_tokens
-    )
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = train.make_optimizer(cfg, model) or torch.optim.AdamW(params, lr=cfg.learning_rate)
-    model.train()
-    grads = states = peak = 0
-    step_s = float("nan")
-    for _ in range(max(1, steps)):
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        t = time.perf_counter()
-        loss = model(**batch).loss
-        loss.backward()
-        grads = _tensor_bytes(p.grad for p in params)
-        del loss
-        opt.step()
-        states = _tensor_bytes(
-            v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)
-        )
-        opt.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated()
-        step_s = time.perf_counter() - t
-    est_dtype = "bf16" if dtype == torch.bfloat16 else "fp16" if dtype == torch.float16 else "fp32"
-    e = memory.estimate(
-        spec,
-        finetune=cfg.finetune,
-        lora_r=cfg.lora_r,
-        micro_batch=mb,
-        text_tokens=seq - (visual + 2 if spec.is_qwen else visual),
-        visual_tokens=visual,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        dtype=est_dtype,
-        vision_no_grad=fastpath.vision_runs_without_grad(cfg),
-        lora_dropout=cfg.lora_dropout > 0,
-        kbit_upcast=cfg.qlora_upcast,
-        fused_lm_head=False,  # this loop calls model(**batch).loss
-        fused_lora=bool(getattr(cfg, "fused_lora", True)),  # build_model applies cfg's
-        autocast=False,  # nor does it run under autocast
-    )
-    measured = {
-        "weights (+ adapters)": weights / GIB,
-        "gradients": grads / GIB,
-        "optimizer states": states / GIB,
-        "peak allocated": peak / GIB if cuda else float("nan"),
-    }
-    measured["activations, logits, temporaries"] = (
-        (peak - weights - grads - states) / GIB if cuda else float("nan")
-    )
-    named = {k for _, keys, _ in PHASES if isinstance(keys, tuple) for k in keys}
-    rows = []
-    for phase, keys, kind in PHASES:
-        if keys == "peak":
-            pred = e.peak_gib
-        elif keys is None:  # the rest of the breakdown: activations, logits, overhead
-            pred = sum(v for k, v in e.breakdown.items() if k not in named)
-        else:
-            pred = sum(e.breakdown.get(k, 0.0) for k in keys)
-        how = {
-            "weights (+ adapters)": "allocated after loading" if cuda else "parameter bytes",
-            "gradients": ".grad tensor bytes",
-            "optimizer states": "optimizer state tensor bytes",
-            "activations, logits, temporaries": "peak - the three above",
-            "peak allocated": "max_memory_allocated" if cuda else "not measured on CPU",
-        }[phase]
-        if not cuda and phase in ("activations, logits, temporaries", "peak allocated"):
-            kind = "not measured"
-        rows.append(
-            {
-                "phase": phase,
-                "kind": kind,
-                "how": how,
-                "predicted_gib": pred,
-                "measured_gib": measured[phase],
-            }
-        )
-    result = {
-        "model": cfg.model,
-        "finetune": cfg.finetune,
-        "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "micro_batch": mb,
-        "gradient_checkpointing": cfg.gradient_checkpointing,
-        "image_size": f"{image_size[0]}x{image_size[1]}",
-        "visual_tokens": visual,
-        "sequence_tokens": seq,
-        "step_s": step_s,
-        "estimate": e,
-        "rows": rows,
-    }
-    del model, processor, opt, params, batch
-    memory.free_memory()
-    return result
-
-
-def phase_table(result: dict[str, Any]) -> str:
-    """``measure_phases`` rows as aligned text: predicted, measured, error, how measured."""
-    from vlmfit import memory
-
-    rows = []
-    for r in result["rows"]:
-        m, p = r["measured_gib"], r["predicted_gib"]
-        err = p / m - 1 if m and not math.isnan(m) else float("nan")
-        rows.append(
-            {
-                "phase": r["phase"],
-                "predicted": _gib(p),
-                "measured": "-" if math.isnan(m) else _gib(m),
-                "error": f"{100 * err:+.0f} %" if not math.isnan(err) else "-",
-                "kind": r["kind"],
-                "how": r["how"],
-            }
-        )
-    return memory.format_rows(rows)
-
-
-def plot_phases(result: dict[str, Any]):
-    """Predicted and measured side by side per phase (GiB); derived bars hatched, phases
-    not measured on this device left without a measured bar."""
-    import numpy as np
-    from matplotlib.figure import Figure
-
-    rows = result["rows"]
-    x = np.arange(len(rows))
-    fig = Figure(figsize=(10, 3.8), layout="constrained")
-    ax = fig.subplots()
-    pred = [r["predicted_gib"] for r in rows]
-    meas = [r["measured_gib"] for r in rows]
-    ax.bar(x - 0.2, pred, 0.4, color="#ff7f0e", label="predicted (memory.estimate)")
-    for i, r in enumerate(rows):
-        if math.isnan(meas[i]):
-            ax.text(x[i] + 0.2, 0, "not\nmeasured", ha="center", va="bottom", fontsize=7)
-            continue
-        derived = r["kind"] == "derived"
-        ax.bar(x[i] + 0.2, meas[i], 0.4, color="#1f77b4", hatch="//" if derived else None,
-               alpha=0.7 if derived else 1.0,
-               label=("measured" if not derived else "derived from measurements")
-               if i in (0, next((j for j, q in enumerate(rows) if q["kind"] == "derived"), -1))
-               else None)  # fmt: skip
-    top = max([v for v in pred + meas if not math.isnan(v)] or [1.0])
-    for i, (p, m) in enumerate(zip(pred, meas, strict=True)):
-        ax.text(x[i] - 0.2, p + 0.01 * top, _gib(p), ha="center", va="bottom", fontsize=7)
-        if not math.isnan(m):
-            ax.text(x[i] + 0.2, m + 0.01 * top, _gib(m), ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(x, [f"{r['phase']}\n({r['kind']})" for r in rows], fontsize=8)
-    ax.set_ylabel("GiB")
-    ax.set_ylim(0, top * 1.15)
-    ax.set_xlim(-0.7, len(rows) - 0.3)
-    ax.set_title(
-        f"{result['model']} {result['finetune']}, micro-batch {result['micro_batch']}, "
-        f"{result['sequence_tokens']} tokens/sample, checkpointing "
-        f"{'on' if result['gradient_checkpointing'] else 'off'} ({result['device']})",
-        fontsize=9,
-    )
-    ax.legend(fontsize=8)
-    return fig
-
-
-def _gib(v: float) -> str:
-    """GiB for people: ``1.23`` GiB from 0.1 up, else MiB or KiB with the unit."""
-    if v >= 0.1:
-        return f"{v:.2f} GiB"
-    return f"{v * 1024:.1f} MiB" if v >= 1 / 1024 else f"{v * 1024 * 1024:.0f} KiB"

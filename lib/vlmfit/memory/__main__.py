@@ -1,0 +1,7 @@
+"""``python -m vlmfit.memory``: the same as ``python -m vlmfit plan``."""
+
+import sys
+
+from vlmfit.memory.cli import cli_plan
+
+raise SystemExit(cli_plan(sys.argv[1:]))
