@@ -218,7 +218,7 @@ test-browser: env ## Reports in headless chromium (installs it with apt when roo
 	$(PY) -m pytest -q -m browser tests
 
 check-reports: env ## Check $(REPORTS) in headless chromium: pages load, images render, links resolve
-	$(PY) -m vlmfit.browser $(REPORTS)
+	$(PY) tests/browser.py $(REPORTS)
 
 test-gpu: env ## GPU-marked tests (skipped with a reason where CUDA is absent)
 	$(PY) -m pytest -q -m gpu tests

@@ -63,8 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo never touches a hub
-    from vlmfit import nbrun, report
+    from vlmfit import report
     from vlmfit.data import synth
+    from vlmfit.report.index import write_index
+    from vlmfit.report.preflight import ParameterError
+    from vlmfit.report.runner import NotebookFailed, run_notebook
 
     t0 = time.time()
     meta = synth.generate("data/shapes", seed=a.seed)
@@ -83,13 +86,13 @@ def main(argv: list[str] | None = None) -> int:
         t = time.time()
         print(f"[demo] {nb} -> {a.reports}/{name}.html", flush=True)
         try:
-            nbrun.run_notebook(Path("notebooks") / nb, name, params, a.reports, overwrite=True)
-        except (nbrun.ParameterError, nbrun.NotebookFailed) as e:
-            nbrun.write_index(a.reports)
+            run_notebook(Path("notebooks") / nb, name, params, a.reports, overwrite=True)
+        except (ParameterError, NotebookFailed) as e:
+            write_index(a.reports)
             print(f"[demo] error: {e}", file=sys.stderr)
             return 1
         print(f"[demo]   done in {time.time() - t:.0f} s", flush=True)
-    index = nbrun.write_index(a.reports)
+    index = write_index(a.reports)
 
     sft = json.loads(Path(f"runs/sft-{a.model}/summary.json").read_text())
     dpo = json.loads(Path(f"runs/dpo-{a.model}/summary.json").read_text())

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Make sure a headless browser is available for the report tests (tests/test_reports_browser.py,
-# `python -m vlmfit.browser reports`): Debian's chromium, its driver and a basic font.
+# `python tests/browser.py reports`): Debian's chromium, its driver and a basic font.
 #
 # Usage:  scripts/ensure_browser.sh        (idempotent; installs with apt-get when run as root)
 #

@@ -88,7 +88,7 @@ def test_demo_learns_and_writes_linked_offline_reports(tmp_path, tiny_cache):
         # GPU memory over steps with its growth trend; a CPU run says so in one line
         assert "GPU memory over steps: growth" in page
         assert "no CUDA rows in this run" in page or "GPU memory per step" in page
-    from vlmfit import browser
+    import browser
 
     if browser.find_chromium() is None:
         pytest.skip(

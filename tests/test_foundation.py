@@ -154,10 +154,11 @@ def test_notebooks_have_one_parseable_parameters_cell(nb, caplog):
 
 
 def test_unknown_notebook_parameter_is_an_error(tmp_path):
-    from vlmfit import nbrun
+    from vlmfit.report.preflight import ParameterError
+    from vlmfit.report.runner import run_notebook
 
-    with pytest.raises(nbrun.ParameterError, match="modle"):
-        nbrun.run_notebook(ROOT / "notebooks" / "sft.ipynb", "x", {"modle": "smolvlm"}, tmp_path)
+    with pytest.raises(ParameterError, match="modle"):
+        run_notebook(ROOT / "notebooks" / "sft.ipynb", "x", {"modle": "smolvlm"}, tmp_path)
     assert not list(tmp_path.iterdir()), "nothing is written for a rejected call"
 
 
@@ -170,7 +171,7 @@ def test_notebook_cli_rejects_unknown_parameter(capsys):
 
 
 def test_parse_value_turns_make_strings_into_python():
-    from vlmfit.nbrun import parse_value
+    from vlmfit.report.preflight import parse_value
 
     assert parse_value("1") == 1
     assert parse_value("2e-4") == 2e-4

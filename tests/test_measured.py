@@ -214,7 +214,7 @@ def test_phases_measured_on_cpu_are_the_tensors_and_the_peak_is_not(tiny_cache):
 
 @pytest.mark.slow
 def test_profile_report_has_phases_and_reference(tiny_cache, tmp_path):
-    from vlmfit.nbrun import run_notebook
+    from vlmfit.report.runner import run_notebook
 
     _, page = run_notebook(
         "notebooks/profile.ipynb",

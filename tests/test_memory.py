@@ -206,7 +206,7 @@ def test_profile_smolvlm_random_matches_estimate(tiny_cache):
 
 @pytest.mark.slow
 def test_profile_notebook_tiny(tiny_cache, tmp_path):
-    from vlmfit.nbrun import run_notebook
+    from vlmfit.report.runner import run_notebook
 
     nb, html = run_notebook(
         "notebooks/profile.ipynb",
@@ -448,7 +448,7 @@ def test_plan_prints_a_make_command_that_runs_as_printed(gpu, tmp_path):
     import subprocess
     from pathlib import Path
 
-    from vlmfit import nbrun
+    from vlmfit.report.preflight import check_parameters, parse_value
 
     root = Path(__file__).resolve().parents[1]
     res = memory.plan("qwen2.5-vl-7b", gpu, text_tokens=420, image_size=(1000, 1000))
@@ -462,8 +462,8 @@ def test_plan_prints_a_make_command_that_runs_as_printed(gpu, tmp_path):
         var, _, value = w.partition("=")
         assert re.search(rf"^{var} \?=", makefile, re.M), f"{var} is not a Makefile variable"
         if var == "PARAMS":
-            params = {k: nbrun.parse_value(v) for k, v in (p.split("=", 1) for p in value.split())}
-    checked = nbrun.check_parameters(root / "notebooks" / "sft.ipynb", params)
+            params = {k: parse_value(v) for k, v in (p.split("=", 1) for p in value.split())}
+    checked = check_parameters(root / "notebooks" / "sft.ipynb", params)
     taken = checked | checked.get("extra", {})  # notebook parameters, then RunConfig fields
     assert taken["per_device_train_batch_size"] == res[0].micro_batch
     assert res[0].micro_batch * res[0].accumulation >= 16

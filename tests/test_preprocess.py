@@ -437,7 +437,7 @@ def test_cli_and_report_helpers(tmp_path: Path, pp, capsys) -> None:
 @pytest.mark.slow
 def test_notebook_report(tmp_path: Path, monkeypatch) -> None:
     from vlmfit.data import synth
-    from vlmfit.nbrun import run_notebook
+    from vlmfit.report.runner import run_notebook
 
     repo = Path(__file__).resolve().parents[1]
     synth.generate(tmp_path / "shapes", n_train=24, n_test=12, n_dpo_train=12, n_dpo_test=12)

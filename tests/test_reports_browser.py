@@ -1,4 +1,4 @@
-"""The HTML reports in a real headless browser (Debian's chromium, via vlmfit.browser).
+"""The HTML reports in a real headless browser (Debian's chromium, via tests/browser.py).
 
 Reports are static HTML that open offline: each page loads, every image renders, links
 between reports resolve, no request leaves file:/data: (no external scripts, styles or
@@ -17,7 +17,9 @@ from urllib.request import pathname2url
 import nbformat
 import pytest
 
-from vlmfit import browser, nbrun
+import browser
+from vlmfit.report.index import write_index
+from vlmfit.report.runner import run_notebook
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,17 +80,17 @@ def _notebook(path: Path, extra_markdown: str = "") -> Path:
 
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two executed reports and their index, built with vlmfit.nbrun like `make` does."""
+    """Two executed reports and their index, built with vlmfit.report like `make` does."""
     tmp = tmp_path_factory.mktemp("browser")
     nb = _notebook(tmp / "check.ipynb")
     out = tmp / "reports"
-    nbrun.run_notebook(nb, "first", {"n": 3}, out, progress=False)
-    nbrun.run_notebook(nb, "second", {"n": 7, "title": "second"}, out, progress=False)
+    run_notebook(nb, "first", {"n": 3}, out, progress=False)
+    run_notebook(nb, "second", {"n": 7, "title": "second"}, out, progress=False)
     run = tmp / "runs" / "sft-tiny"
     run.mkdir(parents=True)
     summary = {"run": "sft-tiny", "model": "tiny", "method": "sft", "finetune": "lora"}
     (run / "summary.json").write_text(json.dumps(summary | {"runtime_s": 1.0}))
-    nbrun.write_index(out, runs_dir=tmp / "runs")
+    write_index(out, runs_dir=tmp / "runs")
     return out
 
 
@@ -145,8 +147,8 @@ def test_check_reports_finds_problems(tmp_path: Path) -> None:
 
 def test_mermaid_report_stays_offline(tmp_path: Path) -> None:
     nb = _notebook(tmp_path / "mermaid.ipynb", "\n\n```mermaid\ngraph LR; data-->model\n```")
-    nbrun.run_notebook(nb, "mermaid", {}, tmp_path / "reports", progress=False)
-    nbrun.write_index(tmp_path / "reports", runs_dir=tmp_path / "runs")
+    run_notebook(nb, "mermaid", {}, tmp_path / "reports", progress=False)
+    write_index(tmp_path / "reports", runs_dir=tmp_path / "runs")
     assert browser.check_reports(tmp_path / "reports") == []
 
 

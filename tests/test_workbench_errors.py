@@ -21,8 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from vlmfit import nbrun, registry
+from vlmfit import registry
 from vlmfit.config import RunConfig
+from vlmfit.report.preflight import ParameterError, check_parameters, hub_problem
 
 ROOT = Path(__file__).resolve().parents[1]
 NB = ROOT / "notebooks"
@@ -99,13 +100,13 @@ def test_unknown_params_name_says_did_you_mean(tmp_path):
 
 
 def test_params_take_runconfig_fields_into_extra():
-    params = nbrun.check_parameters(NB / "sft.ipynb", {"lora_r": 8, "extra": {"use_dora": True}})
+    params = check_parameters(NB / "sft.ipynb", {"lora_r": 8, "extra": {"use_dora": True}})
     assert params == {"extra": {"lora_r": 8, "use_dora": True}}
-    with pytest.raises(nbrun.ParameterError, match="did you mean 'lora_alpha'"):
-        nbrun.check_parameters(NB / "sft.ipynb", {"extra": {"lora_alfa": 8}})
+    with pytest.raises(ParameterError, match="did you mean 'lora_alpha'"):
+        check_parameters(NB / "sft.ipynb", {"extra": {"lora_alfa": 8}})
     # the preprocessing notebook has no `extra`: a training field is simply unknown there
-    with pytest.raises(nbrun.ParameterError, match="unknown parameter 'lora_r'"):
-        nbrun.check_parameters(NB / "preprocess.ipynb", {"lora_r": 8})
+    with pytest.raises(ParameterError, match="unknown parameter 'lora_r'"):
+        check_parameters(NB / "preprocess.ipynb", {"lora_r": 8})
 
 
 def _closed_port() -> int:
@@ -147,11 +148,11 @@ def test_hub_probe_against_a_real_http_endpoint(tmp_path, monkeypatch):
         monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
         monkeypatch.setenv("HF_HOME", str(tmp_path))
-        assert nbrun.hub_problem("smolvlm", "hub") == (None, False)
-        problem, _ = nbrun.hub_problem("qwen2-vl-2b", "hub")
+        assert hub_problem("smolvlm", "hub") == (None, False)
+        problem, _ = hub_problem("qwen2-vl-2b", "hub")
         assert "Qwen/Qwen2-VL-2B-Instruct@main: not found" in problem
-        assert nbrun.hub_problem("smolvlm", "random") == (None, False)  # no hub involved
-        assert nbrun.hub_problem("tiny-smolvlm", "hub") == (None, False)
+        assert hub_problem("smolvlm", "random") == (None, False)  # no hub involved
+        assert hub_problem("tiny-smolvlm", "hub") == (None, False)
     finally:
         server.shutdown()
 

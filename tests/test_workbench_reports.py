@@ -19,8 +19,10 @@ from pathlib import Path
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
-from vlmfit import nbrun, plots, report
+from vlmfit import report
 from vlmfit.config import resolve
+from vlmfit.report.render import report_notebook, to_html
+from vlmfit.report.runner import Progress, progress_line
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,7 +48,7 @@ def _executed_notebook() -> nbformat.NotebookNode:
 
 
 def test_report_view_drops_stderr_and_puts_results_first():
-    view = nbrun.report_notebook(_executed_notebook())
+    view = report_notebook(_executed_notebook())
     sources = [c.source for c in view.cells]
     assert sources[:3] == ["# Title", "## Results", "display(summary)"], sources
     train = next(c for c in view.cells if "CODE-MARKER" in c.source)
@@ -59,7 +61,7 @@ def test_html_has_no_code_and_no_stderr(tmp_path):
     nb.metadata["vlmfit"] = {"status": "ok"}
     path = tmp_path / "r.ipynb"
     nbformat.write(nb, str(path))
-    page = nbrun.to_html(path, "r")
+    page = to_html(path, "r")
     assert "RESULTS-HERE" in page and "trained 30 steps" in page
     for noise in ("CODE-MARKER", "Loading weights", "FutureWarning", "import warnings"):
         assert noise not in page, noise
@@ -147,7 +149,7 @@ def test_sequence_length_histogram_shows_short_samples():
         | {"status": "kept"}
         for i in range(200)
     ]
-    fig = plots.sequence_lengths(rows, max_length=2048)
+    fig = report.sequence_lengths(rows, max_length=2048)
     ax = fig.axes[0]
     lo, hi = ax.get_xlim()
     assert hi < 200, f"x-axis runs to {hi}: the bars would be a sliver"
@@ -155,7 +157,7 @@ def test_sequence_length_histogram_shows_short_samples():
     assert widths and min(widths) > (hi - lo) / 100
     assert "max_length=2,048 is off the chart" in ax.get_title()
     long = [r | {"total_before": 1500 + i, "total_after": 1500 + i} for i, r in enumerate(rows)]
-    ax = plots.sequence_lengths(long, max_length=2048).axes[0]
+    ax = report.sequence_lengths(long, max_length=2048).axes[0]
     assert any(abs(line.get_xdata()[0] - 2048) < 1e-9 for line in ax.lines), "limit drawn"
 
 
@@ -163,16 +165,16 @@ def test_progress_line_has_step_loss_and_eta():
     rows = [
         {"step": s, "time": 10.0 + 2 * s, "loss": 1 / s, "epoch": s / 60} for s in (5, 10, 15, 20)
     ]
-    line = nbrun.progress_line(rows)
+    line = progress_line(rows)
     assert line.startswith("step 20/60 (33%) loss 0.05"), line
     assert "2 s/step, ETA 1:20" in line
-    assert nbrun.progress_line(rows, max_steps=40).startswith("step 20/40 (50%)")
+    assert progress_line(rows, max_steps=40).startswith("step 20/40 (50%)")
 
 
 def test_progress_thread_follows_a_growing_metrics_file(tmp_path):
     log = tmp_path / "metrics.jsonl"
     out = io.StringIO()
-    watcher = nbrun.Progress("sft-x", tmp_path / "nb.ipynb", log, max_steps=30, every=0.0, out=out)
+    watcher = Progress("sft-x", tmp_path / "nb.ipynb", log, max_steps=30, every=0.0, out=out)
     watcher.start()
     with log.open("a") as f:
         for s in (5, 10):

@@ -3,7 +3,7 @@ what failed; files get the user's umask (issue 10, points 3 and 10).
 
     pytest -q tests/test_workbench_runs.py
 
-The notebooks here are small real ones executed by papermill through vlmfit.nbrun
+The notebooks here are small real ones executed by papermill through vlmfit.report
 (a few seconds each): named like the pipeline's, one of them raising.
 """
 
@@ -19,7 +19,12 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from vlmfit import browser, nbrun, runs
+import browser
+from vlmfit import runs
+from vlmfit.report.index import write_index
+from vlmfit.report.preflight import ParameterError, preflight
+from vlmfit.report.render import report_status
+from vlmfit.report.runner import NotebookFailed, run_notebook
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,12 +70,12 @@ def test_notebook_launch_refuses_an_existing_run(tmp_path, monkeypatch):
     _a_run(tmp_path / "runs" / "sft-tiny-smolvlm")
     nb = ROOT / "notebooks" / "sft.ipynb"
     params = {"model": "tiny-smolvlm"}
-    with pytest.raises(nbrun.ParameterError, match="runs/sft-tiny-smolvlm already holds a run"):
-        nbrun.preflight(nb, params)
-    nbrun.preflight(nb, params | {"resume": True})
-    nbrun.preflight(nb, params, overwrite=True, dry_run=True)
+    with pytest.raises(ParameterError, match="runs/sft-tiny-smolvlm already holds a run"):
+        preflight(nb, params)
+    preflight(nb, params | {"resume": True})
+    preflight(nb, params, overwrite=True, dry_run=True)
     assert (tmp_path / "runs/sft-tiny-smolvlm/adapter").exists(), "a dry run deletes nothing"
-    nbrun.preflight(nb, params | {"run": "another"})  # a new RUN is fine
+    preflight(nb, params | {"run": "another"})  # a new RUN is fine
 
 
 def test_train_cli_refuses_an_existing_run(tmp_path):
@@ -120,9 +125,9 @@ def pipeline(tmp_path_factory):
             ("profile", "print('profile ran')"),
             ("preprocess", "print('preprocess ran')"),
         ):
-            nbrun.run_notebook(_notebook(nbs / f"{stem}.ipynb", body), f"{stem}-tiny", {}, out)
-        with pytest.raises(nbrun.NotebookFailed) as failed:
-            nbrun.run_notebook(
+            run_notebook(_notebook(nbs / f"{stem}.ipynb", body), f"{stem}-tiny", {}, out)
+        with pytest.raises(NotebookFailed) as failed:
+            run_notebook(
                 _notebook(nbs / "sft.ipynb", "raise ValueError('bad learning rate')"),
                 "my-sft",
                 {"run": "my-sft"},
@@ -132,7 +137,7 @@ def pipeline(tmp_path_factory):
         run.mkdir(parents=True, exist_ok=True)
         summary = {"run": "my-sft", "model": "tiny", "method": "sft", "runtime_s": 3.0}
         (run / "summary.json").write_text(json.dumps(summary))
-        index = nbrun.write_index(out, tmp / "runs")
+        index = write_index(out, tmp / "runs")
     finally:
         os.chdir(cwd)
         os.umask(old)
@@ -143,8 +148,8 @@ def test_failure_is_one_line_and_its_report_is_marked_failed(pipeline):
     err = pipeline["error"]
     assert "\n" not in err and "Traceback" not in err
     assert err.startswith("my-sft failed: ValueError: bad learning rate (in Work)")
-    assert nbrun.report_status(pipeline["out"] / "my-sft.html") == "failed"
-    assert nbrun.report_status(pipeline["out"] / "dpo-tiny.html") == "ok"
+    assert report_status(pipeline["out"] / "my-sft.html") == "failed"
+    assert report_status(pipeline["out"] / "dpo-tiny.html") == "ok"
     page = (pipeline["out"] / "my-sft.html").read_text()
     assert "This notebook failed" in page and "bad learning rate" in page
     assert "Traceback" not in page and "raise ValueError" not in page

@@ -7,7 +7,7 @@ The package behind the notebooks and Make targets. Modules:
 - ``vlmfit.data``: readers for peers' dataset formats, validation, the bundled dataset.
 - ``vlmfit.tiny``: tiny offline models and full-size random-weight architectures.
 - ``vlmfit.train``: SFT and DPO through TRL, runs, evaluation.
-- ``vlmfit.nbrun``: papermill + nbconvert report runner.
+- ``vlmfit.report``: papermill + nbconvert report runner, figures, the reports index.
 """
 
 __version__ = "0.1.0"

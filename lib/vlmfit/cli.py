@@ -10,8 +10,8 @@ Commands (``vlmfit COMMAND --help`` for each):
     plan        predict peak memory and pick a config that fits    (vlmfit.memory)
     reference   measured peak GPU memory beside the estimate       (vlmfit.memory)
     train       SFT / DPO / evaluate outside notebooks             (vlmfit.train)
-    notebook    run a notebook with papermill and render HTML      (vlmfit.nbrun)
-    index       rebuild reports/index.html                         (vlmfit.nbrun)
+    notebook    run a notebook with papermill and render HTML      (vlmfit.report)
+    index       rebuild reports/index.html                         (vlmfit.report)
     watch       follow a run's metrics.jsonl: step, loss, ETA      (vlmfit.cli)
     lab         JupyterLab on 127.0.0.1 with a token, URL printed  (vlmfit.cli)
 
@@ -44,9 +44,9 @@ COMMANDS = {
     "estimate": ("vlmfit.memory.cli", "cli_estimate"),
     "plan": ("vlmfit.memory.cli", "cli_plan"),
     "reference": ("vlmfit.memory.cli", "cli_reference"),
-    "notebook": ("vlmfit.nbrun", "cli_notebook"),
+    "notebook": ("vlmfit.report.cli", "cli_notebook"),
     "train": ("vlmfit.cli", "cli_train"),
-    "index": ("vlmfit.nbrun", "cli_index"),
+    "index": ("vlmfit.report.cli", "cli_index"),
     "preprocess": ("vlmfit.preprocess", "cli_preprocess"),
     "watch": ("vlmfit.cli", "cli_watch"),
     "lab": ("vlmfit.cli", "cli_lab"),
@@ -170,8 +170,9 @@ def _train_overrides(argv: list[str]) -> dict[str, str]:
 
 def cli_train(argv: list[str]) -> int:
     """``vlmfit train``: help, did-you-mean and run protection, then vlmfit.train.cli_train."""
-    from vlmfit import nbrun, runs
+    from vlmfit import runs
     from vlmfit.config import FIELDS, RunConfig
+    from vlmfit.report.preflight import did_you_mean
 
     if {"-h", "--help"} & set(argv):
         print(train_help())
@@ -187,7 +188,7 @@ def cli_train(argv: list[str]) -> int:
     if unknown:
         dashed = {"--" + f.replace("_", "-") for f in FIELDS}
         hints = "; ".join(
-            f"--{k.replace('_', '-')}{nbrun.did_you_mean('--' + k.replace('_', '-'), dashed)}"
+            f"--{k.replace('_', '-')}{did_you_mean('--' + k.replace('_', '-'), dashed)}"
             for k in unknown
         )
         raise SystemExit(f"vlmfit train: error: unknown option {hints} (vlmfit train --help)")
@@ -212,7 +213,7 @@ def cli_train(argv: list[str]) -> int:
 
 def cli_watch(argv: list[str]) -> int:
     """``vlmfit watch runs/<run>``: print step, loss and ETA as metrics.jsonl grows."""
-    from vlmfit.nbrun import progress_line
+    from vlmfit.report.runner import progress_line
 
     p = argparse.ArgumentParser(prog="vlmfit watch", description=cli_watch.__doc__)
     p.add_argument("run", help="run folder (runs/<run>) or run id")
@@ -347,15 +348,16 @@ def _flag(argv: list[str], name: str) -> str | None:
 
 def _hub_preflight(argv: list[str]) -> None:
     """A hub model that cannot load fails in seconds, before any library retries for minutes."""
-    from vlmfit import nbrun, registry
+    from vlmfit import registry
+    from vlmfit.report import preflight
 
     model = _flag(argv, "model") or ("smolvlm" if _flag(argv, "merge") is None else None)
     if model is None or model not in registry.names():
         return  # unknown names are reported by the command itself
     weights = _flag(argv, "weights") or "hub"
-    problem, offline = nbrun.hub_problem(model, weights, _flag(argv, "revision"))
+    problem, offline = preflight.hub_problem(model, weights, _flag(argv, "revision"))
     if problem:
-        raise nbrun.ParameterError(problem)
+        raise preflight.ParameterError(problem)
     if offline:
         from huggingface_hub import constants
 
@@ -375,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        from vlmfit.nbrun import did_you_mean
+        from vlmfit.report.preflight import did_you_mean
 
         print(
             f"vlmfit: error: unknown command {name!r}{did_you_mean(name, COMMANDS)}; "

@@ -302,7 +302,7 @@ def prepare(
     """
     from vlmfit import runs
     from vlmfit.config import FIELDS, ConfigError, resolve
-    from vlmfit.nbrun import did_you_mean
+    from vlmfit.report.preflight import did_you_mean
 
     overrides = _overrides(train_args)
     for key in sorted(set(overrides) - FIELDS):

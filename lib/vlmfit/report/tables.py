@@ -1,6 +1,5 @@
-"""Figures and tables for the training reports (SFT, DPO), from a run folder.
+"""HTML tables and one-line summaries of a run folder for the SFT and DPO reports.
 
-Each function returns a matplotlib Figure or an HTML string; notebooks display them.
 Numbers are rounded for people (:func:`human`): 3 significant digits, durations in
 minutes and seconds, parameter counts in K / M / B.
 """
@@ -10,19 +9,10 @@ from __future__ import annotations
 import base64
 import html
 import io
-import textwrap
 from pathlib import Path
 from typing import Any
 
 from vlmfit import runs
-
-
-def _plt():
-    # No backend is forced: the notebook's inline backend draws the figures into the report
-    # (forcing Agg here kept every training plot out of the HTML).
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def human(v: Any, key: str = "") -> str:
@@ -65,145 +55,6 @@ def count(n: int) -> str:
 
 def metrics(run_path: str | Path) -> list[dict[str, Any]]:
     return runs.MetricsLog(Path(run_path) / "metrics.jsonl").read()
-
-
-def curves(run_path: str | Path, keys: tuple[str, ...] | None = None):
-    """Loss, learning rate and grad norm (and DPO rewards when present) against step."""
-    plt = _plt()
-    rows = [r for r in metrics(run_path) if "loss" in r or "learning_rate" in r]
-    keys = keys or tuple(
-        k
-        for k in ("loss", "learning_rate", "grad_norm", "rewards/accuracies", "rewards/margins")
-        if any(k in r for r in rows)
-    )
-    fig, axes = plt.subplots(1, max(len(keys), 1), figsize=(4 * max(len(keys), 1), 3))
-    axes = list(axes) if hasattr(axes, "__iter__") else [axes]
-    for ax, k in zip(axes, keys, strict=False):
-        pts = [(r["step"], r[k]) for r in rows if k in r]
-        if pts:
-            ax.plot(*zip(*pts, strict=True), marker=".", lw=1)
-        ax.set_title(k)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
-
-
-def memory_timeline(run_path: str | Path):
-    """GPU allocated / peak / reserved (CUDA) or process RSS (CPU) against step, GiB."""
-    plt = _plt()
-    rows = metrics(run_path)
-    fig, ax = plt.subplots(figsize=(6, 3))
-    top = 0.0
-    for k, label in (
-        ("mem_allocated_gib", "allocated"),
-        ("mem_peak_gib", "peak allocated"),
-        ("mem_reserved_gib", "reserved"),
-        ("mem_rss_gib", "process RSS (CPU)"),
-    ):
-        pts = [(r["step"], r[k]) for r in rows if k in r]
-        if pts:
-            ax.plot(*zip(*pts, strict=True), marker=".", lw=1, label=label)
-            top = max(top, max(v for _, v in pts))
-    # From zero: a flat line must look flat, not fill an axis that spans 0.002 GiB.
-    ax.set_ylim(0, top * 1.15 if top > 0 else 1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("GiB")
-    ax.set_title("memory timeline")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    return fig
-
-
-#: Series of ``memory.jsonl`` drawn by :func:`memory_growth` (key, label, colour).
-GROWTH_SERIES = (
-    ("mem_allocated_gib", "allocated", "#1f77b4"),
-    ("mem_reserved_gib", "reserved", "#2ca02c"),
-    ("mem_peak_gib", "peak allocated (per step)", "#d62728"),
-)
-
-
-def growth_caption(trend: dict[str, Any]) -> str:
-    """``memory.growth``'s verdict and numbers in one line: slope in GiB per 100 steps."""
-    if trend.get("growing") is None:
-        return f"no trend: {trend.get('why', 'no rows')}"
-    parts = []
-    for key, label, _ in GROWTH_SERIES:
-        fit = trend.get(key)
-        if isinstance(fit, dict):
-            parts.append(
-                f"{label} {fit['slope_mib_per_100_steps'] / 1024:+.3f} GiB/100 steps "
-                f"(rise {fit['rise_gib']:+.3f} GiB)"
-            )
-    verdict = "FLAGGED: growing" if trend["growing"] else "not flagged"
-    return f"{verdict} ({trend['why']}); " + ", ".join(parts)
-
-
-def memory_growth(run_path: str | Path, *, warmup: float = 0.1):
-    """GPU memory of every step (``memory.jsonl``): allocated, reserved and the step's peak
-    against step, with ``memory.growth``'s least-squares trend drawn over the steps it fits
-    and its verdict and slopes in the title. A run without CUDA rows (a CPU run logs the
-    process RSS only) prints one line saying so and returns None."""
-    from vlmfit import memory
-
-    rows = runs.MetricsLog(Path(run_path) / "memory.jsonl").read()
-    cuda = [r for r in rows if "step" in r and "mem_allocated_gib" in r]
-    if not cuda:
-        what = (
-            f"{len(rows)} steps of process RSS, in the memory timeline above"
-            if rows
-            else "no memory.jsonl rows"
-        )
-        print(f"GPU memory over steps: no CUDA rows in this run (CPU run: {what}).")
-        return None
-    trend = memory.growth(cuda, warmup=warmup)
-    fitted = [r for r in cuda if "step" in r][int(len(cuda) * warmup) :]
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(10, 3.6))
-    many = len(cuda) > 150
-    values: list[float] = []
-    for key, label, colour in GROWTH_SERIES:
-        pts = [(r["step"], r[key]) for r in cuda if key in r]
-        if not pts:
-            continue
-        ax.plot(*zip(*pts, strict=True), lw=1, color=colour, label=label,
-                marker=None if many else ".", alpha=0.8)  # fmt: skip
-        values += [v for _, v in pts]
-        fit = trend.get(key)
-        if isinstance(fit, dict) and len(fitted) >= 2:
-            # the least-squares line passes through the centroid of the points it fits
-            xs = [float(r["step"]) for r in fitted]
-            ys = [float(r[key]) for r in fitted]
-            slope = fit["slope_mib_per_100_steps"] / 1024 / 100
-            x0, y0 = sum(xs) / len(xs), sum(ys) / len(ys)
-            line = [y0 + slope * (x - x0) for x in (xs[0], xs[-1])]
-            ax.plot((xs[0], xs[-1]), line, ls="--", lw=1.5, color=colour,
-                    label=f"{label} trend ({slope * 100:+.3f} GiB/100 steps)")  # fmt: skip
-    # Not from zero (unlike the memory timeline): a creep of 0.3 GiB on 18 GiB must show.
-    # The axis spans at least 10 % of the top (and 0.5 GiB), so steady noise looks flat.
-    lo, hi = min(values), max(values)
-    pad = (max(hi - lo, 0.1 * hi, 0.5) - (hi - lo)) / 2 + 0.05 * max(hi - lo, 0.1)
-    ax.set_ylim(max(0.0, lo - pad), hi + pad)
-    ax.set_xlabel("step")
-    ax.set_ylabel("GiB")
-    verdict = (
-        "no trend (too few steps)"
-        if trend["growing"] is None
-        else "GROWING (flagged)"
-        if trend["growing"]
-        else "steady (not flagged)"
-    )
-    ax.set_title(f"GPU memory per step: {verdict}", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
-    caption = growth_caption(trend)
-    if trend["growing"] is not None:
-        caption += f"; fit over steps {fitted[0]['step']}-{fitted[-1]['step']}"
-    fig.text(0.01, 0.01, "\n".join(textwrap.wrap(caption, 150)), fontsize=7, va="bottom")
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
-    fig.vlmfit_growth = trend  # the numbers drawn, for tests and callers
-    return fig
 
 
 def _thumb(path: str | None, size: int = 96) -> str:

@@ -1,17 +1,7 @@
-"""Check the static HTML reports in a real headless browser (Debian's chromium).
+"""Check the HTML reports in headless chromium: ``python tests/browser.py reports``.
 
-    python -m vlmfit.browser reports        # prints problems, exit status 1 if any
-
-:func:`check_reports` opens every page of a reports folder in headless chromium and
-returns a list of problems (empty: all good): each page loads (``readyState`` complete,
-a title and a body), every ``<img>`` decodes (``complete`` and ``naturalWidth > 0``),
-every local ``<a href>`` resolves to an existing file (linked pages are visited too),
-no request leaves ``file:``/``data:`` (no external scripts, styles or fonts: they are
-blocked and reported), nothing is logged to the console at level error, and no report
-comes from a notebook that crashed (``vlmfit.nbrun.report_status``).
-
-Chromium is driven through the DevTools protocol over ``--remote-debugging-pipe``
-(NUL-separated JSON on file descriptors 3 and 4): no port, no websocket, standard
+``check_reports`` lists problems (pages that fail to load, broken images or links, external
+requests, console errors, crashed notebooks); chromium runs over the DevTools pipe, standard
 library only. Install chromium with ``scripts/ensure_browser.sh``.
 """
 
@@ -369,7 +359,7 @@ def check_reports(
                     index_links.add(target.resolve())
                 if target.suffix == ".html" and target.resolve() not in seen:
                     queue.append(target)
-    from vlmfit.nbrun import report_status
+    from vlmfit.report.render import report_status
 
     for p in pages:
         if p.name != "index.html" and report_status(p) == "failed":
@@ -383,11 +373,11 @@ def check_reports(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m vlmfit.browser [FOLDER]``: print problems; exit status 1 if any."""
+    """``python tests/browser.py [FOLDER]``: print problems; exit status 1 if any."""
     args = sys.argv[1:] if argv is None else argv
     folder = Path(args[0] if args else "reports")
     if not find_chromium():
-        print("vlmfit.browser: chromium not found: run scripts/ensure_browser.sh", file=sys.stderr)
+        print("browser: chromium not found: run scripts/ensure_browser.sh", file=sys.stderr)
         return 2
     problems = check_reports(folder)
     for p in problems:
