@@ -86,7 +86,7 @@ DPO_ARGS = -p model $(MODEL) -p weights $(WEIGHTS) -p data $(DPO_DATA) -p datase
 # NPROC > 1: the same runs through the CLI (a notebook is one process) on every rank,
 # launched by accelerate with accelerate/$(DIST).yaml; the run folder as with one process,
 # no notebook report (docs/distributed.md).
-LAUNCH = $(PY) -m vlmfit.distributed --nproc $(NPROC) --dist $(DIST) \
+LAUNCH = $(PY) -m vlmfit.train.distributed --nproc $(NPROC) --dist $(DIST) \
   $(if $(filter-out 1,$(NNODES)),--nnodes $(NNODES) --node-rank $(NODE_RANK) \
   --main-address $(MAIN_ADDR) --main-port $(MAIN_PORT),) $(if $(filter 1,$(OVERWRITE)),--overwrite,) --
 param_flags = $(foreach p,$(PARAMS),--$(firstword $(subst =, ,$(p))) $(patsubst $(firstword $(subst =, ,$(p)))=%,%,$(p)))

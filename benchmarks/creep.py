@@ -167,8 +167,9 @@ def run_child(job: dict[str, Any]) -> None:
     import psutil
     import torch
 
-    from vlmfit import fastpath, memory, train
+    from vlmfit import memory, train
     from vlmfit.config import resolve
+    from vlmfit.train import fastpath
 
     stream = open(job["stream"], "a", buffering=1)  # noqa: SIM115 - line-buffered, whole run
 

@@ -314,7 +314,7 @@ def loop_setup(case: dict, data: Path):
     if case["path"] == "plain":
         model, processor = _plain_model(cfg)
     else:
-        from vlmfit import fastpath
+        from vlmfit.train import fastpath
 
         fastpath.set_allocator(cfg.expandable_segments)
         model, processor = train.build_model(cfg)
@@ -402,7 +402,7 @@ def end_to_end(case: dict, data: Path) -> dict:
 def _row(case, cfg, model, tps, sps, per_sample, peak=None, reserved=None) -> dict:
     import torch
 
-    from vlmfit import fastpath
+    from vlmfit.train import fastpath
 
     name = torch.cuda.get_device_name()
     n_lang = fastpath.language_params(model, cfg.spec) if model is not None else None

@@ -115,8 +115,8 @@ def build(name: str, layers: int, mode: str):
     import transformers
     from peft import LoraConfig, get_peft_model
 
-    from vlmfit import fastpath
     from vlmfit.models import lora_targets
+    from vlmfit.train import fastpath
 
     spec, config = _config(name, layers)
     torch.manual_seed(0)

@@ -218,7 +218,7 @@ def estimate_args(
 ) -> dict[str, Any]:
     """What ``python -m vlmfit estimate`` takes for case ``c`` (JSON-able), with the levers
     the run trained with (``RunConfig.fused_lora``, TRL's activation offloading and the
-    Trainer's autocast as ``vlmfit.fastpath`` resolves them; autocast None: its rule)."""
+    Trainer's autocast as ``vlmfit.train.fastpath`` resolves them; autocast None: its rule)."""
     return {
         "model": c["model"],
         "finetune": c["finetune"],
@@ -502,18 +502,20 @@ def _train_only(cfg) -> None:
     """``train.run``'s training phase: data, model, trainer, ``trainer.train()``."""
     import torch
 
-    from vlmfit import fastpath, runs, train
+    from vlmfit.train import fastpath, pipeline, runs
 
     fastpath.set_allocator(cfg.expandable_segments)  # before the first CUDA allocation
-    folder = train.prepare_data(cfg, cfg.data, split=cfg.dataset_split, progress=False)
+    folder = pipeline.prepare_data(cfg, cfg.data, split=cfg.dataset_split, progress=False)
     cfg.data = str(folder / "records.jsonl")
-    train_ds = train.load_prepared(folder, preference=cfg.method == "dpo")
+    train_ds = pipeline.load_prepared(folder, preference=cfg.method == "dpo")
     torch.manual_seed(cfg.seed)
-    model, processor = train.build_model(cfg)
+    model, processor = pipeline.build_model(cfg)
     out = runs.run_dir(cfg.runs_dir, cfg.run_id)
     out.mkdir(parents=True, exist_ok=True)
     log = runs.MetricsLog(out / "metrics.jsonl")
-    trainer = train.build_trainer(cfg, model, processor, train_ds, None, out, log, progress=False)
+    trainer = pipeline.build_trainer(
+        cfg, model, processor, train_ds, None, out, log, progress=False
+    )
     if torch.cuda.is_available():  # the training peak, as train.run measures it
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
@@ -523,8 +525,9 @@ def measure(c: dict[str, Any], work: Path, steps: int = 3, warmup: int = 1) -> d
     """Train case ``c`` (this process) and return its row: predicted vs measured."""
     import torch
 
-    from vlmfit import fastpath, registry, train
+    from vlmfit import registry, train
     from vlmfit.config import resolve
+    from vlmfit.train import fastpath, pipeline
 
     os.chdir(work)  # preprocessing caches (data/cache) under the work folder
     spec = registry.get(c["model"])
@@ -546,7 +549,7 @@ def measure(c: dict[str, Any], work: Path, steps: int = 3, warmup: int = 1) -> d
         torch.cuda.reset_peak_memory_stats()
         save_s = time.perf_counter() - t
     probe = _Probe(spec)
-    probe.wrap(train)
+    probe.wrap(pipeline)  # where train.run looks build_model / build_trainer up
     t = time.perf_counter()
     if c["path"] == "run":
         train.run(cfg, origin, progress=False)

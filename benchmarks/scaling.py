@@ -3,7 +3,7 @@
     python benchmarks/scaling.py --out results/scaling              # on a 2-GPU host
 
 The fast-path benchmark's work (1000x1000 image, ~200-word answer, random weights) on
-Qwen2.5-VL-7B, each run launched as users launch it (``python -m vlmfit.distributed``):
+Qwen2.5-VL-7B, each run launched as users launch it (``python -m vlmfit.train.distributed``):
 
 - LoRA on 1 GPU and on 2 GPUs under DDP, micro-batch 4: steady-state tokens/s from the
   run's ``metrics.jsonl`` (TRL's ``num_tokens`` is gathered over ranks), and the ratio;
@@ -52,7 +52,7 @@ def run_case(case: dict, data: Path, work: Path, model: str) -> dict:
         "max_steps": case["steps"], "per_device_train_batch_size": case["mb"],
         "logging_steps": 1, "save_steps": 10_000, "lora_alpha": 16,
     }  # fmt: skip
-    cmd = [sys.executable, "-m", "vlmfit.distributed", "--nproc", str(case["nproc"]),
+    cmd = [sys.executable, "-m", "vlmfit.train.distributed", "--nproc", str(case["nproc"]),
            "--dist", case["dist"], "--overwrite", "--",
            *[x for k, v in args.items() for x in (f"--{k}", str(v))]]  # fmt: skip
     t = time.time()

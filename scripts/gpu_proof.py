@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     from vlmfit import preprocess
     from vlmfit.budget import Budget
     from vlmfit.data import synth
-    from vlmfit.runs import environment
+    from vlmfit.train.runs import environment
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

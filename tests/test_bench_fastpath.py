@@ -46,7 +46,7 @@ def test_fast_path_beats_the_plain_recipe_on_the_gpu(tmp_path):
 def _gpu_or_skip():
     import torch
 
-    from vlmfit import fastpath
+    from vlmfit.train import fastpath
 
     why = fastpath.varlen_available("cuda") if torch.cuda.is_available() else "no CUDA GPU"
     if why:
@@ -63,7 +63,7 @@ def test_varlen_kernels_compute_what_sdpa_computes_on_the_gpu():
 
     import torch
 
-    from vlmfit import fastpath
+    from vlmfit.train import fastpath
 
     _gpu_or_skip()
     torch.manual_seed(0)
@@ -107,8 +107,9 @@ def test_packed_qwen_rows_train_like_padded_batches_on_the_gpu(tmp_path):
     import torch
     from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
-    from vlmfit import packing, train
+    from vlmfit import train
     from vlmfit.config import resolve
+    from vlmfit.train import packing
 
     _gpu_or_skip()
     bench = _bench()

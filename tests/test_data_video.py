@@ -5,7 +5,7 @@ three videos (mp4 / avi) go through the real preprocessing for Qwen2-VL and Qwen
 frames sampled within the budget, saved at the size the video processor keeps (a fixed
 point of its resize), and, where torchvision imports, the real ``Qwen2VLVideoProcessor`` /
 ``Qwen2VLProcessor`` count exactly the tokens preprocessing counted. Training: the cache
-loads with each video's frames (``train.load_prepared``), ``vlmfit.collate`` puts them
+loads with each video's frames (``train.load_prepared``), ``vlmfit.train.collate`` puts them
 through TRL's collator (checked here with a stub processor, no torchvision needed), and,
 where torchvision imports, a collated batch holds exactly the ``<|video_pad|>`` tokens
 preprocessing counted, image and video records mix in one batch, and ``train.run`` does
@@ -189,7 +189,7 @@ def _rows(res: Any) -> list[dict[str, Any]]:
 @pytest.fixture
 def torchvision_ok(monkeypatch: pytest.MonkeyPatch) -> None:
     """load_prepared as where torchvision imports (what it loads needs no torchvision)."""
-    monkeypatch.setattr(train, "_torchvision_error", lambda: None)
+    monkeypatch.setattr("vlmfit.train.data._torchvision_error", lambda: None)
 
 
 @needs_demo

@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlmfit import fastpath, train
+from vlmfit import train
 from vlmfit.config import resolve
+from vlmfit.train import fastpath
 
 TINY = ["tiny-smolvlm", "tiny-qwen2-vl", "tiny-qwen2.5-vl"]
 
@@ -259,7 +260,7 @@ def test_make_variables_coerce_by_each_fields_type():
 
 
 def test_a_run_is_never_replaced_silently(shapes, tiny_cache, tmp_path):
-    from vlmfit.runs import RunExistsError
+    from vlmfit.train.runs import RunExistsError
 
     cfg = _cfg(shapes, tmp_path, model="tiny-smolvlm", max_steps=1)
     train.run(cfg, progress=False)

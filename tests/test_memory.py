@@ -347,7 +347,7 @@ def test_levers_reach_the_estimate_from_the_cli_the_config_and_the_planner(capsy
         assert out["autocast"] == ("--no-fused-lora" in extra or "on" in extra)
     # the default is vlmfit's path: fused LoRA, no offloading (only to fit), no autocast
     assert peaks[("--no-fused-lora",)] > peaks[()] > peaks[("--activation-offloading",)]
-    from vlmfit import fastpath
+    from vlmfit.train import fastpath
 
     for over in ({}, {"fused_lora": False}, {"activation_offloading": True}, {"autocast": True}):
         cfg = RunConfig(model="qwen2.5-vl-7b", weights="random", per_device_train_batch_size=4,
@@ -378,9 +378,9 @@ def test_levers_reach_the_estimate_from_the_cli_the_config_and_the_planner(capsy
 
 
 def test_the_estimators_lever_rules_are_the_training_paths():
-    """``activation_offloading=None`` / ``autocast=None`` follow ``vlmfit.fastpath``: no
+    """``activation_offloading=None`` / ``autocast=None`` follow ``vlmfit.train.fastpath``: no
     offloading unless the memory check needs it to fit (``check_fits`` decides)."""
-    from vlmfit import fastpath
+    from vlmfit.train import fastpath
 
     for model in ("smolvlm", "qwen2.5-vl-3b", "qwen2.5-vl-7b"):
         for gc in (True, False):
@@ -596,7 +596,7 @@ def test_the_memory_check_offloads_only_where_the_run_fits_no_other_way(capsys):
     """``activation_offloading=None``: off where the run fits (the faster path, run 6), on
     where only the offloaded run fits, left for the advice where neither does; an explicit
     value is never changed."""
-    from vlmfit import fastpath
+    from vlmfit.train import fastpath
 
     def cfg(**kw):
         return RunConfig(model="qwen2.5-vl-7b", per_device_train_batch_size=4, **kw)

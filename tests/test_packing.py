@@ -12,8 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlmfit import packing, train
+from vlmfit import train
 from vlmfit.config import resolve
+from vlmfit.train import packing
 
 TINY = ["tiny-smolvlm", "tiny-qwen2-vl", "tiny-qwen2.5-vl"]
 
@@ -136,7 +137,7 @@ def test_packed_row_through_one_varlen_call_per_layer(
     """On a GPU the language model attends through one causal varlen call per layer over
     the packed row (here a per-segment SDPA stands in for the CUDA kernel); the loss and
     gradients still equal the padded batch's, and evaluation keeps SDPA."""
-    from vlmfit import fastpath
+    from vlmfit.train import fastpath
 
     calls = []
 

@@ -140,8 +140,10 @@ def test_dpo_from_sft_adapter_uses_the_adapter_disabled_reference(shapes, tiny_c
         max_steps=2,
         per_device_train_batch_size=2,
     )
+    from vlmfit.train import pipeline  # run() looks build_trainer up there
+
     seen = {}
-    real = train.build_trainer
+    real = pipeline.build_trainer
 
     def spy(*a, **k):
         t = real(*a, **k)
@@ -149,11 +151,11 @@ def test_dpo_from_sft_adapter_uses_the_adapter_disabled_reference(shapes, tiny_c
         seen["peft"] = type(t.model).__name__
         return t
 
-    train.build_trainer = spy
+    pipeline.build_trainer = spy
     try:
         summary = train.run(cfg, progress=False)
     finally:
-        train.build_trainer = real
+        pipeline.build_trainer = real
     assert seen["ref"] is None and seen["peft"] == "PeftModelForCausalLM"
     assert summary["global_step"] == 2
     assert "eval_rewards/accuracies" in summary["dpo_eval"]
@@ -169,20 +171,22 @@ def test_killed_run_resumes_from_its_last_checkpoint(shapes, tiny_cache, tmp_pat
             if state.global_step == 3:
                 raise KeyboardInterrupt("simulated kill")
 
+    from vlmfit.train import pipeline  # run() looks build_trainer up there
+
     cfg = _cfg(shapes, tmp_path, finetune="lora", lora_r=4, max_steps=5, save_steps=2)
-    real = train.build_trainer
+    real = pipeline.build_trainer
 
     def with_kill(*a, **k):
         t = real(*a, **k)
         t.add_callback(Kill())
         return t
 
-    train.build_trainer = with_kill
+    pipeline.build_trainer = with_kill
     try:
         with pytest.raises(KeyboardInterrupt):
             train.run(cfg, progress=False)
     finally:
-        train.build_trainer = real
+        pipeline.build_trainer = real
     out = Path(cfg.runs_dir) / cfg.run_id
     assert (out / "checkpoints" / "checkpoint-2").exists()
     assert not (out / "summary.json").exists()
@@ -278,7 +282,9 @@ def test_bad_configuration_fails_before_any_model_loads(overrides, message, monk
 def test_dpo_on_data_without_preferences_fails_before_the_model_loads(
     shapes, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(train, "build_model", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(
+        "vlmfit.train.pipeline.build_model", lambda *a, **k: pytest.fail("model loaded")
+    )
     cfg = _cfg(shapes, tmp_path, method="dpo", data=str(shapes / "sft_train.json"))
     with pytest.raises(ConfigError, match="needs preference data"):
         train.run(cfg, progress=False)

@@ -20,11 +20,11 @@ import nbformat
 import pytest
 
 import browser
-from vlmfit import runs
 from vlmfit.report.index import write_index
 from vlmfit.report.preflight import ParameterError, preflight
 from vlmfit.report.render import report_status
 from vlmfit.report.runner import NotebookFailed, run_notebook
+from vlmfit.train import runs
 
 ROOT = Path(__file__).resolve().parents[1]
 

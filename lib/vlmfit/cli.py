@@ -170,9 +170,9 @@ def _train_overrides(argv: list[str]) -> dict[str, str]:
 
 def cli_train(argv: list[str]) -> int:
     """``vlmfit train``: help, did-you-mean and run protection, then vlmfit.train.cli_train."""
-    from vlmfit import runs
     from vlmfit.config import FIELDS, RunConfig
     from vlmfit.report.preflight import did_you_mean
+    from vlmfit.train import runs
 
     if {"-h", "--help"} & set(argv):
         print(train_help())

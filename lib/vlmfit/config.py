@@ -58,7 +58,7 @@ class RunConfig:
     weight_decay: float = 0.0  # AdamW weight decay
     max_grad_norm: float = 1.0  # gradient clipping norm
     gradient_checkpointing: bool = True  # True reduces activation memory, ~20-30% slower
-    # Fast-path levers (vlmfit.fastpath; what each buys: docs/benchmarks.md)
+    # Fast-path levers (vlmfit.train.fastpath; what each buys: docs/benchmarks.md)
     vision_no_grad: bool = True  # frozen vision tower without autograd: exact, less memory, faster
     qlora_vision_4bit: bool = True  # QLoRA: frozen vision tower in 4-bit (-1 GiB on 7B)
     qlora_upcast: bool = False  # True: PEFT's kbit prep: fp32 unquantized weights (more GiB)

@@ -25,8 +25,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from vlmfit import runs
 from vlmfit.registry import CONFIG_DIR, Family, ModelSpec
+from vlmfit.train import runs
 
 # Bump when the tiny builders change: cached tiny models are rebuilt.
 TINY_VERSION = "8"

@@ -56,7 +56,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from vlmfit import runs
+from vlmfit.train import runs
 
 __all__ = [
     "ANSWERS",

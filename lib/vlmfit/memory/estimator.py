@@ -165,7 +165,7 @@ def estimate(
     ``prepare_model_for_kbit_training`` does), "full" (language model + projector train;
     vision frozen) or "projector". ``visual_tokens`` overrides the count derived from
     ``image_size`` and ``budget`` (``vlmfit.budget.image_tokens``); ``images`` per sample.
-    ``recipe``: "vlmfit" predicts vlmfit's default path (``vlmfit.fastpath``: the frozen
+    ``recipe``: "vlmfit" predicts vlmfit's default path (``vlmfit.train.fastpath``: the frozen
     vision tower without autograd, LoRA dropout 0, 4-bit without fp32 upcasts, the loss
     through TRL's chunked fused LM head); "plain" the textbook recipe in train mode
     (``enable_input_require_grads`` tracks the frozen tower, logits materialized,

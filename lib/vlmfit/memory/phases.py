@@ -66,7 +66,8 @@ def measure_phases(
     """
     import torch
 
-    from vlmfit import fastpath, train
+    from vlmfit import train
+    from vlmfit.train import fastpath
 
     spec = cfg.spec
     cuda = torch.cuda.is_available()

@@ -306,7 +306,7 @@ def worst_sample(folder) -> tuple[int, int]:
 
 
 def _cfg_estimate(cfg, sequence_tokens: int, visual_tokens: int) -> Estimate:
-    from vlmfit import distributed, fastpath
+    from vlmfit.train import distributed, fastpath
 
     return estimate(
         cfg.spec,
@@ -329,8 +329,8 @@ def _cfg_estimate(cfg, sequence_tokens: int, visual_tokens: int) -> Estimate:
 
 def _cfg_levers(cfg) -> dict[str, Any]:
     """The levers ``cfg``'s run will train with, as the estimator takes them: ``fused_lora``,
-    and TRL's offloading and the Trainer's autocast as ``vlmfit.fastpath`` resolves them."""
-    from vlmfit import fastpath
+    and TRL's offloading and the Trainer's autocast as ``vlmfit.train.fastpath`` resolves them."""
+    from vlmfit.train import fastpath
 
     offloads = getattr(fastpath, "offloads_activations", None)
     uses_autocast = getattr(fastpath, "uses_autocast", None)
@@ -373,7 +373,7 @@ def check_fits(cfg, sequence_tokens: int, visual_tokens: int, gpu_gib: float | N
     e = _cfg_estimate(cfg, sequence_tokens, visual_tokens)
     need = _required(e, 0.0)
     if getattr(cfg, "activation_offloading", False) is None:
-        from vlmfit import distributed
+        from vlmfit.train import distributed
 
         cfg.activation_offloading = False
         if need > gpu and cfg.gradient_checkpointing and not distributed.sharded():

@@ -430,7 +430,7 @@ def step_callback(path):
     import torch
     from transformers import TrainerCallback
 
-    from vlmfit.runs import MetricsLog
+    from vlmfit.train.runs import MetricsLog
 
     class MemoryPerStep(TrainerCallback):
         """Rows are kept in memory and written at each log and at the end: no file I/O on

@@ -98,7 +98,7 @@ def _sweep_rows(doc: dict[str, Any], source: str, estimate_now: bool) -> list[di
 
 def _run_rows(runs_dir: Path, estimate_now: bool) -> list[dict[str, Any]]:
     """CUDA runs of ``runs_dir``: the training peak of ``summary.json`` (single process)."""
-    from vlmfit import runs
+    from vlmfit.train import runs
 
     out = []
     for summary_path in sorted(runs_dir.glob("*/summary.json")):

@@ -13,12 +13,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from vlmfit import runs
 from vlmfit.budget import Budget
 from vlmfit.data.formats import LoadResult
 from vlmfit.data.records import MediaRef
 from vlmfit.preprocess.options import Options
 from vlmfit.registry import ModelSpec
+from vlmfit.train import runs
 
 #: Bump whenever the output for the same inputs changes (invalidates every cache entry).
 PIPELINE_VERSION = 2  # 2: records carry their token count (``length``) for length-grouped batches

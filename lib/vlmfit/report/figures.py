@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from vlmfit import runs
 from vlmfit.report.tables import metrics
+from vlmfit.train import runs
 
 BEFORE = "#d62728"  # processor defaults
 BUDGET = "#ff7f0e"  # at the budget, before the over-length policy

@@ -10,7 +10,7 @@ import difflib
 from pathlib import Path
 from typing import Any
 
-from vlmfit import runs
+from vlmfit.train import runs
 
 # Data the notebooks generate on demand (the bundled dataset): need not exist beforehand.
 GENERATED_DATA = Path("data/shapes")

@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vlmfit import runs
 from vlmfit.report.preflight import notebook_parameters, parse_value, preflight, run_id_of
 from vlmfit.report.render import ANSI, ERROR_TAG, to_html
-from vlmfit.runs import atomic_write
+from vlmfit.train import runs
+from vlmfit.train.runs import atomic_write
 
 REPORTS = Path("reports")
 

@@ -12,7 +12,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from vlmfit import runs
+from vlmfit.train import runs
 
 
 def human(v: Any, key: str = "") -> str:

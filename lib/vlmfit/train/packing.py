@@ -68,7 +68,7 @@ def pack(inner, kwargs: dict[str, Any]) -> dict[str, Any]:
 def enable(model, *, varlen: bool = False) -> None:
     """Pack every training forward of ``model`` (a PEFT or transformers model); ``varlen``:
     its language model attends through one causal varlen kernel per packed row (CUDA)."""
-    from vlmfit import fastpath
+    from vlmfit.train import fastpath
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     inner = getattr(base, "model", None)

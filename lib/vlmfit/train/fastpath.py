@@ -2,34 +2,8 @@
 
 Each lever is a named ``RunConfig`` field (see its one-line trade-off in ``config.py``);
 ``train.build_model`` and ``train.training_args`` apply them, and ``applied_levers``
-records which ran in the run's ``summary.json``. What each buys is measured by
-``benchmarks/fastpath.py`` (``make bench``) and committed in ``docs/benchmarks.md``.
-
-- ``vision_no_grad``: a frozen vision tower runs under ``torch.no_grad``. transformers'
-  ``enable_input_require_grads`` (called for LoRA with gradient checkpointing) hooks the
-  vision tower's patch embedding too, so the plain recipe stores and back-propagates
-  through every vision block (and recomputes them under checkpointing) although no
-  vision weight trains.
-- ``qlora_upcast=False``: 4-bit without PEFT's ``prepare_model_for_kbit_training``,
-  which copies every unquantized module (vision tower, projector, embeddings, lm_head,
-  norms) to fp32.
-- ``lora_dropout=0``: PEFT then skips the dropout pass on every adapted layer's input.
-- DataLoader workers with prefetch and pinned memory, images read lazily at their
-  budgeted size, batches grouped by length: the CPU image processor runs beside the GPU.
-- ``expandable_segments``: the CUDA caching allocator grows segments instead of
-  fragmenting on the variable shapes of image batches.
-- The logits are never materialized: TRL's SFT and DPO trainers compute the loss through
-  their chunked ``fused_lm_head`` (``trl.trainer.utils.add_fused_lm_head``).
-- ``fused_lora``: PEFT's LoRA layer casts its input to the adapter's fp32 dtype (a full
-  copy of the activation, which autocast then copies back to bf16 for the matmul, and
-  stores per adapted layer), multiplies the output by the scale and adds it to the base
-  output: four passes over activations per layer and pass, 25-35% of a 7B step's GPU time
-  (docs/bench-raw/run5). Fused: ``addmm(base, x @ A.T, B.T, alpha=scale)`` on the layer's
-  own input, with the small adapter weights cast instead (what Unsloth's kernels do).
-- ``vision_attention="varlen"``: Qwen's vision tower attends within windows of 64 patches
-  (and within each image in its full-attention blocks). With SDPA transformers splits the
-  sequence and calls attention once per window (81 calls per 1000x1000 image and block);
-  torch's ``varlen_attn`` (flash / cuDNN) does every window of the batch in one kernel.
+records which ran in the run's ``summary.json``. What each lever does and buys:
+docs/benchmarks.md ("The levers"), measured by ``benchmarks/fastpath.py`` (``make bench``).
 """
 
 from __future__ import annotations
@@ -145,7 +119,7 @@ def _varlen_attention(module, query, key, value, attention_mask=None, scaling=No
     return _varlen_kernel(q, k, v, cu, max_len, scaling).to(dtype).unsqueeze(0), None
 
 
-#: The language model's attention under ``packing`` (vlmfit.packing): one causal varlen
+#: The language model's attention under ``packing`` (vlmfit.train.packing): one causal varlen
 #: kernel over a packed row's samples; SDPA (and SDPA's masks) for every other batch.
 PACKED_ATTENTION = "vlmfit_packed_sdpa"
 

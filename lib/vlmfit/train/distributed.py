@@ -1,6 +1,6 @@
 """Training on several GPUs (or machines) through ``accelerate launch``: DDP, FSDP2, ZeRO-3.
 
-    python -m vlmfit.distributed --nproc 2 --dist ddp -- --model smolvlm --finetune lora
+    python -m vlmfit.train.distributed --nproc 2 --dist ddp -- --model smolvlm --finetune lora
     make sft MODEL=smolvlm NPROC=2 DIST=fsdp2            # the same through the Makefile
 
 vlmfit has no distributed engine of its own: the launcher checks everything once (the
@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from vlmfit.runs import REPO_ROOT
+from vlmfit.train.runs import REPO_ROOT
 
 #: accelerate configs, one per engine (``DIST=``); the file is ``accelerate/<name>.yaml``.
 CONFIG_DIR = REPO_ROOT / "accelerate"
@@ -300,9 +300,9 @@ def prepare(
     applies run protection here (RESUME / OVERWRITE as in one process), on the first
     machine only, then tells the ranks to replace a fresh run (rank 0 alone deletes it).
     """
-    from vlmfit import runs
     from vlmfit.config import FIELDS, ConfigError, resolve
     from vlmfit.report.preflight import did_you_mean
+    from vlmfit.train import runs
 
     overrides = _overrides(train_args)
     for key in sorted(set(overrides) - FIELDS):
@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         i = argv.index("--")
         argv, train_args = argv[:i], argv[i + 1 :]
     p = argparse.ArgumentParser(
-        prog="python -m vlmfit.distributed",
+        prog="python -m vlmfit.train.distributed",
         description="vlmfit train on several processes through accelerate launch "
         "(arguments after -- are vlmfit train's: --model ... --finetune ...)",
     )

@@ -1,0 +1,93 @@
+"""The training stage: SFT and DPO through TRL's trainers, with PEFT adapters, in run folders.
+
+The notebooks call ``train.run(cfg)``; the CLI is ``vlmfit train`` (:mod:`.cli`). What
+vlmfit adds on top of TRL: the model registry (module groups, LoRA targets), assistant-only
+loss checked for every family, a separate learning rate for projector / embeddings, DPO's
+reference model as the base with the adapter disabled, memory in the metrics log,
+evaluation by generation, and run folders that resume.
+
+Modules: ``data`` (the preprocessed cache as a dataset), ``model`` (model, adapters,
+optimizer), ``trainer`` (TRL config, trainer, metrics callback), ``pipeline`` (``run``:
+one run step by step), ``merge``, ``cli``; ``evaluate``, ``runs`` (run folders),
+``collate``, ``packing``, ``fastpath`` and ``distributed``. The names below load on first
+use, so that ``vlmfit.train.runs`` (read by reports and preprocessing) imports no torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+#: name -> (module, its name there)
+_EXPORTS = {
+    "load_training_records": ("data", "load_training_records"),
+    "to_dataset": ("data", "to_dataset"),
+    "use_preprocessed": ("data", "use_preprocessed"),
+    "prepared_folder": ("data", "prepared_folder"),
+    "prepare_data": ("data", "prepare_data"),
+    "load_prepared": ("data", "load_prepared"),
+    "video_collator": ("data", "video_collator"),
+    "lora_config": ("model", "lora_config"),
+    "build_model": ("model", "build_model"),
+    "make_optimizer": ("model", "make_optimizer"),
+    "torch_dtype": ("model", "torch_dtype"),
+    "_dtype": ("model", "torch_dtype"),  # benchmarks/memory_sweep.py
+    "memory_now": ("trainer", "memory_now"),
+    "training_args": ("trainer", "training_args"),
+    "build_trainer": ("trainer", "build_trainer"),
+    "run": ("pipeline", "run"),
+    "save_model": ("pipeline", "save_model"),
+    "merge_adapter": ("merge", "merge_adapter"),
+    "cli_train": ("cli", "cli_train"),
+}
+
+if TYPE_CHECKING:
+    from vlmfit.train.cli import cli_train
+    from vlmfit.train.data import (
+        load_prepared,
+        load_training_records,
+        prepare_data,
+        prepared_folder,
+        to_dataset,
+        use_preprocessed,
+        video_collator,
+    )
+    from vlmfit.train.merge import merge_adapter
+    from vlmfit.train.model import build_model, lora_config, make_optimizer, torch_dtype
+    from vlmfit.train.pipeline import run, save_model
+    from vlmfit.train.trainer import build_trainer, memory_now, training_args
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, attr = _EXPORTS[name]
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+__all__ = [
+    "build_model",
+    "build_trainer",
+    "cli_train",
+    "load_prepared",
+    "load_training_records",
+    "lora_config",
+    "make_optimizer",
+    "memory_now",
+    "merge_adapter",
+    "prepare_data",
+    "prepared_folder",
+    "run",
+    "save_model",
+    "to_dataset",
+    "torch_dtype",
+    "training_args",
+    "use_preprocessed",
+    "video_collator",
+]
