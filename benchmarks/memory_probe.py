@@ -93,8 +93,9 @@ def _trim() -> None:
 def _config(name: str, layers: int, vision_depth: int = 1):
     import transformers
 
-    from vlmfit import registry, tiny
-    from vlmfit.registry import CONFIG_DIR
+    from vlmfit.models import builders as tiny
+    from vlmfit.models import registry
+    from vlmfit.models.registry import CONFIG_DIR
 
     spec = registry.get(name)
     if spec.tiny:
@@ -184,7 +185,8 @@ def layer_saved(
 
 
 def predicted_layer(name: str, mode: str, *, autocast: bool = True) -> float:
-    from vlmfit import memory, registry
+    from vlmfit import memory
+    from vlmfit.models import registry
 
     a = memory.arch(registry.get(name))
     ft = {"peft": "lora", "fused": "lora"}.get(mode, mode)
@@ -264,7 +266,8 @@ def vision_peak(name: str, *, fourbit: bool = False, autocast: bool = True) -> f
 def predicted_vision(name: str, *, fourbit: bool = False, autocast: bool = True) -> float:
     """``memory``'s per-patch term, less the batch's pixels (2 bytes each: the probe's
     baseline holds them)."""
-    from vlmfit import memory, registry
+    from vlmfit import memory
+    from vlmfit.models import registry
 
     a = memory.arch(registry.get(name))
     return memory.vision_forward_bytes(a, autocast=autocast, four_bit=fourbit) - 2 * a.patch_pixels

@@ -326,7 +326,7 @@ BIG_B = 5.0
 
 
 def params_b(model: str) -> float:
-    from vlmfit import registry
+    from vlmfit.models import registry
 
     try:
         return registry.get(model).params_b
@@ -525,8 +525,9 @@ def measure(c: dict[str, Any], work: Path, steps: int = 3, warmup: int = 1) -> d
     """Train case ``c`` (this process) and return its row: predicted vs measured."""
     import torch
 
-    from vlmfit import registry, train
+    from vlmfit import train
     from vlmfit.config import resolve
+    from vlmfit.models import registry
     from vlmfit.train import fastpath, pipeline
 
     os.chdir(work)  # preprocessing caches (data/cache) under the work folder
@@ -924,7 +925,8 @@ class Sweep:
 def prepare(cases: list[dict[str, Any]], work: Path, steps: int, warmup: int) -> None:
     """Data for every image size and each model's local processor folder, built once here
     (children built them at the same time otherwise)."""
-    from vlmfit import registry, tiny
+    from vlmfit.models import builders as tiny
+    from vlmfit.models import registry
 
     n = max(8, max(c["mb"] for c in cases) * (steps + warmup))
     for size in {tuple(c["image"]) for c in cases}:

@@ -269,7 +269,8 @@ def _prepare(model: str, n: int, work: Path) -> dict:
     train_json = fp.make_data(work / "data", n=n)
     import torch
 
-    from vlmfit import models, registry
+    from vlmfit import models
+    from vlmfit.models import registry
     from vlmfit.train import fastpath
 
     spec = registry.get(model)

@@ -46,7 +46,7 @@ def tiny_cache(tmp_path_factory):
     """A session-wide cache folder for tiny models (VLMFIT_CACHE)."""
     path = os.environ.get("VLMFIT_TEST_CACHE") or str(tmp_path_factory.mktemp("vlmfit-cache"))
     os.environ["VLMFIT_CACHE"] = path
-    import vlmfit.tiny as tiny
+    import vlmfit.models.builders as tiny
 
     tiny.DEFAULT_CACHE = type(tiny.DEFAULT_CACHE)(path)
     return path

@@ -72,8 +72,8 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_preprocess_throughput(photos: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("VLMFIT_CACHE", str(tmp_path / "models"))
-    from vlmfit import tiny
     from vlmfit.budget import Budget
+    from vlmfit.models import builders as tiny
     from vlmfit.preprocess import preprocess
 
     monkeypatch.setattr(tiny, "DEFAULT_CACHE", tmp_path / "models")

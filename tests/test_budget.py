@@ -21,8 +21,9 @@ import pytest
 from PIL import Image
 
 from vlmfit import budget as B
-from vlmfit import cli, registry
+from vlmfit import cli
 from vlmfit.budget import Budget
+from vlmfit.models import registry
 
 QwenPil = pytest.importorskip(
     "transformers.models.qwen2_vl.image_processing_pil_qwen2_vl"

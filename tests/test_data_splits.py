@@ -24,7 +24,7 @@ from vlmfit.data.validate import check_dataset
 @pytest.fixture(autouse=True)
 def _tiny_env(tiny_cache: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VLMFIT_CACHE", tiny_cache)
-    from vlmfit import tiny
+    from vlmfit.models import builders as tiny
 
     monkeypatch.setattr(tiny, "DEFAULT_CACHE", Path(tiny_cache))
 

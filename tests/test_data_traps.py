@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from vlmfit import registry
 from vlmfit.data.formats import load_records
 from vlmfit.data.records import DataError, Record
 from vlmfit.data.validate import check_dataset, validate_records
+from vlmfit.models import registry
 
 LINE = re.compile(r"^.+:(\d+|-): [a-zA-Z<'].+")  # FILE:RECORD: reason
 
@@ -27,7 +27,7 @@ LINE = re.compile(r"^.+:(\d+|-): [a-zA-Z<'].+")  # FILE:RECORD: reason
 @pytest.fixture(autouse=True)
 def _tiny_env(tiny_cache: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VLMFIT_CACHE", tiny_cache)
-    from vlmfit import tiny
+    from vlmfit.models import builders as tiny
 
     monkeypatch.setattr(tiny, "DEFAULT_CACHE", Path(tiny_cache))
 
@@ -195,8 +195,8 @@ def test_kto_labels_are_refused_not_read_as_sft(tmp_path: Path) -> None:
 
 def _qwen_refuses(size: tuple[int, int]) -> str:
     """What the real (tiny) Qwen2-VL image processor says about an image of ``size``."""
-    from vlmfit import tiny
-    from vlmfit.procs import load_processor
+    from vlmfit.models import builders as tiny
+    from vlmfit.models.processors import load_processor
 
     spec = registry.get("tiny-qwen2-vl")
     processor = load_processor(tiny.ensure_tiny(spec.name), spec.family.name)

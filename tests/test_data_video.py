@@ -32,11 +32,12 @@ import pytest
 from PIL import Image
 
 from vlmfit import budget as B
-from vlmfit import registry, train
+from vlmfit import train
 from vlmfit.budget import Budget
 from vlmfit.config import ConfigError
 from vlmfit.data import media
 from vlmfit.data.formats import load_records
+from vlmfit.models import registry
 
 _FIXTURE = Path("shared") / "fixtures" / "llamafactory_mllm_demo"
 DEMO = next(
@@ -66,13 +67,13 @@ needs_torchvision = pytest.mark.skipif(
 @pytest.fixture(autouse=True)
 def _tiny_env(tiny_cache: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VLMFIT_CACHE", tiny_cache)
-    from vlmfit import tiny
+    from vlmfit.models import builders as tiny
 
     monkeypatch.setattr(tiny, "DEFAULT_CACHE", Path(tiny_cache))
 
 
 def _preprocess(tmp_path: Path, model: str, budget: Budget, data: Path = VIDEOS) -> Any:
-    from vlmfit import tiny
+    from vlmfit.models import builders as tiny
     from vlmfit.preprocess import preprocess
 
     tiny_name = {"qwen2_vl": "tiny-qwen2-vl", "qwen2_5_vl": "tiny-qwen2.5-vl"}
@@ -127,7 +128,7 @@ def test_fixture_videos_sampled_within_budget(tmp_path: Path, model: str) -> Non
 def test_fixture_video_tokens_equal_the_processor(tmp_path: Path, model: str) -> None:
     import transformers
 
-    from vlmfit.procs import load_processor
+    from vlmfit.models.processors import load_processor
 
     spec = registry.get(model)
     budget = Budget(max_image_tokens=64)
@@ -480,8 +481,8 @@ def test_qwen2_5_vl_processor_gets_the_sampling_rate(tmp_path: Path) -> None:
     import transformers
     from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
-    from vlmfit import tiny
-    from vlmfit.procs import load_processor
+    from vlmfit.models import builders as tiny
+    from vlmfit.models.processors import load_processor
 
     res = _preprocess(tmp_path, "tiny-qwen2.5-vl", Budget(max_image_tokens=64))
     p = load_processor(tiny.ensure_tiny("tiny-qwen2.5-vl"), "qwen2_5_vl")

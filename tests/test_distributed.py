@@ -70,7 +70,7 @@ def _samples(run: Path, rank: int) -> list[str]:
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory, tiny_cache):
     """One 2-process DDP LoRA SFT run: (run folder, launcher output)."""
-    from vlmfit import tiny
+    from vlmfit.models import builders as tiny
 
     work = tmp_path_factory.mktemp("ddp")
     synth.generate(
@@ -307,7 +307,7 @@ def test_two_gpus_train_save_the_single_gpu_format_and_resume_sharded(
 ):
     """Each engine on 2 GPUs: trains, gathers the model into the one-GPU format, resumes
     from its (sharded) checkpoint."""
-    from vlmfit import tiny
+    from vlmfit.models import builders as tiny
 
     if torch.cuda.device_count() < 2:
         pytest.skip(f"needs 2 CUDA GPUs, this machine has {torch.cuda.device_count()}")

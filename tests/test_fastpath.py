@@ -232,8 +232,7 @@ def test_qlora_keeps_projector_and_lm_head_in_bf16(vision_4bit):
     suffix): bare "visual" / "connector" kept nothing out of 4-bit. Full paths do."""
     from transformers.quantizers.quantizers_utils import should_convert_module
 
-    from vlmfit import registry
-    from vlmfit.models import qlora_skip_modules
+    from vlmfit.models import qlora_skip_modules, registry
 
     for name, vision, projector, language in [
         ("qwen2.5-vl-7b", "model.visual.blocks.0.attn.qkv", "model.visual.merger.mlp.0",

@@ -9,10 +9,11 @@ import sys
 import pytest
 import torch
 
-from vlmfit import memory, registry
+from vlmfit import memory
 from vlmfit.budget import Budget
 from vlmfit.config import RunConfig
 from vlmfit.memory import planner
+from vlmfit.models import registry
 
 FULL_SIZE = [n for n in registry.names(include_tiny=False)]
 

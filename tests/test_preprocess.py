@@ -16,10 +16,10 @@ from PIL import Image
 
 import vlmfit
 from vlmfit import budget as B
-from vlmfit import registry
 from vlmfit.budget import Budget
 from vlmfit.data import media
 from vlmfit.data.records import DataError
+from vlmfit.models import registry
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "llamafactory_mllm_demo"
 VIDEO_DEMO = FIXTURE / "mllm_video_demo.json"
@@ -32,7 +32,7 @@ VIDEO_DEMO = FIXTURE / "mllm_video_demo.json"
 def _tiny_env(tiny_cache: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Tiny models in the session's temporary cache (conftest's ``tiny_cache``)."""
     monkeypatch.setenv("VLMFIT_CACHE", tiny_cache)
-    from vlmfit import tiny
+    from vlmfit.models import builders as tiny
 
     monkeypatch.setattr(tiny, "DEFAULT_CACHE", Path(tiny_cache))
 
@@ -45,7 +45,7 @@ def pp():
 
 
 def tiny_path(name: str) -> Path:
-    from vlmfit import tiny
+    from vlmfit.models import builders as tiny
 
     return tiny.ensure_tiny(name)
 
@@ -140,7 +140,7 @@ def test_budget_applied_smolvlm(tmp_path: Path, pp) -> None:
 
 def _processor_lengths(res, model_dir: Path, family: str, **kwargs) -> list[int]:
     """``len(processor(text=..., images=...)["input_ids"][0])`` for every written record."""
-    from vlmfit.procs import load_processor
+    from vlmfit.models.processors import load_processor
 
     processor = load_processor(model_dir, family, **res.manifest["processor_kwargs"], **kwargs)
     out = []
@@ -364,7 +364,7 @@ def test_bad_records_fail_or_skip(tmp_path: Path, pp) -> None:
 @pytest.mark.skipif(not VIDEO_DEMO.exists(), reason="LLaMA-Factory video fixture not present")
 def test_video_fixture_qwen2_vl_counts(tmp_path: Path, pp) -> None:
     from vlmfit.data.formats import load_records
-    from vlmfit.procs import load_processor
+    from vlmfit.models.processors import load_processor
 
     spec = registry.get("qwen2-vl-2b")
     folder = tiny_path("tiny-qwen2-vl")

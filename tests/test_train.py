@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlmfit import registry, train
+from vlmfit import train
 from vlmfit.config import ConfigError, RunConfig, resolve, validate
+from vlmfit.models import registry
 
 TINY = ["tiny-smolvlm", "tiny-qwen2-vl", "tiny-qwen2.5-vl"]
 

@@ -327,8 +327,8 @@ def test_case_script_helpers(tmp_path):
     ("tiny-smolvlm", "idefics3", True),
 ])  # fmt: skip
 def test_loop_batch_through_a_real_processor(tiny_cache, tmp_path, tiny, family, nested):
-    from vlmfit import tiny as tiny_mod
-    from vlmfit.procs import load_processor
+    from vlmfit.models import builders as tiny_mod
+    from vlmfit.models.processors import load_processor
 
     case = _load("unsloth_case")
     fp = _load("fastpath")

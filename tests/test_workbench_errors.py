@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from vlmfit import registry
 from vlmfit.config import RunConfig
+from vlmfit.models import registry
 from vlmfit.report.preflight import ParameterError, check_parameters, hub_problem
 
 ROOT = Path(__file__).resolve().parents[1]

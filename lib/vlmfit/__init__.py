@@ -2,10 +2,10 @@
 
 The package behind the notebooks and Make targets. Modules:
 
-- ``vlmfit.registry``: one entry per supported model (all of its quirks).
+- ``vlmfit.models``: the registry (one entry per supported model, all of its quirks), loading.
 - ``vlmfit.budget``: visual-token arithmetic for each family, and resizing to a budget.
 - ``vlmfit.data``: readers for peers' dataset formats, validation, the bundled dataset.
-- ``vlmfit.tiny``: tiny offline models and full-size random-weight architectures.
+- ``vlmfit.models.builders``: tiny offline models and full-size random-weight architectures.
 - ``vlmfit.train``: SFT and DPO through TRL, runs, evaluation.
 - ``vlmfit.report``: papermill + nbconvert report runner, figures, the reports index.
 """

@@ -326,7 +326,7 @@ def cli_lab(argv: list[str]) -> int:
 
 
 def models_help() -> str:
-    from vlmfit import registry
+    from vlmfit.models import registry
 
     rows = [
         f"  {n:18} {'offline tiny model' if m.tiny else m.hub_id}"
@@ -348,7 +348,7 @@ def _flag(argv: list[str], name: str) -> str | None:
 
 def _hub_preflight(argv: list[str]) -> None:
     """A hub model that cannot load fails in seconds, before any library retries for minutes."""
-    from vlmfit import registry
+    from vlmfit.models import registry
     from vlmfit.report import preflight
 
     model = _flag(argv, "model") or ("smolvlm" if _flag(argv, "merge") is None else None)

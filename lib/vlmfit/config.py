@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from vlmfit import registry
+from vlmfit.models import registry
 
 
 class ConfigError(ValueError):
@@ -21,7 +21,7 @@ class ConfigError(ValueError):
 @dataclass
 class RunConfig:
     # What
-    model: str = "smolvlm"  # registry name (vlmfit.registry); tiny-* run offline
+    model: str = "smolvlm"  # registry name (vlmfit.models.registry); tiny-* run offline
     weights: str = "hub"  # hub | random (published architecture, random weights) | a local folder
     revision: str | None = None  # hub revision (commit sha) overriding the registry's pin
     method: Literal["sft", "dpo"] = "sft"  # sft | dpo

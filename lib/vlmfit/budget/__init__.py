@@ -5,7 +5,7 @@ transformers 5.23, checked against the real processors in ``tests/test_budget.py
 user's :class:`Budget` and its processor settings / resize targets (``cost``), and
 ``python -m vlmfit tokens`` (``cli``)::
 
-    >>> from vlmfit import registry
+    >>> from vlmfit.models import registry
     >>> from vlmfit.budget import Budget, image_tokens
     >>> image_tokens(registry.get("qwen2.5-vl-7b"), 1000, 1000, Budget(max_image_tokens=256))
     256

@@ -9,7 +9,6 @@ import sys
 from dataclasses import asdict
 from typing import Any
 
-from vlmfit import registry
 from vlmfit.budget.cost import (
     Budget,
     budget_size,
@@ -26,7 +25,8 @@ from vlmfit.budget.qwen import (
     video_frame_size,
     video_tokens,
 )
-from vlmfit.registry import ModelSpec
+from vlmfit.models import registry
+from vlmfit.models.registry import ModelSpec
 
 
 class _UsageError(Exception):

@@ -12,7 +12,7 @@ from vlmfit.budget.idefics3 import (
     idefics3_tiles,
 )
 from vlmfit.budget.qwen import qwen_budget_size, qwen_settings, qwen_tokens_at, smart_resize
-from vlmfit.registry import ModelSpec
+from vlmfit.models.registry import ModelSpec
 
 
 @dataclass(frozen=True)

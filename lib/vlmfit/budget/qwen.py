@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from vlmfit.registry import ModelSpec
+from vlmfit.models.registry import ModelSpec
 
 if TYPE_CHECKING:
     from vlmfit.budget.cost import Budget

@@ -39,7 +39,7 @@ from typing import Any, Literal
 from vlmfit.data import media
 from vlmfit.data.formats import FORMATS, load_records
 from vlmfit.data.records import DataError, MediaRef, Problem, Record, count_parts, message_text
-from vlmfit.registry import ModelSpec
+from vlmfit.models.registry import ModelSpec
 
 __all__ = ["Report", "check_dataset", "cli_check", "reason_kind", "validate_records"]
 
@@ -347,7 +347,7 @@ def check_dataset(
     """
     if on_error not in ("fail", "skip"):
         raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
-    from vlmfit import registry
+    from vlmfit.models import registry
 
     spec = registry.get(model) if model else None
     loaded = load_records(path, fmt=fmt, split=split, dataset=dataset)
@@ -416,8 +416,8 @@ def _range(sizes: list[tuple[int, int]]) -> str:
 
 def _token_line(model: str, sizes: list[tuple[int, int]]) -> str:
     """Visual tokens of the good records' images (their processor accepted every one)."""
-    from vlmfit import registry
     from vlmfit.budget import image_tokens
+    from vlmfit.models import registry
 
     spec = registry.get(model)
     if not sizes:
@@ -449,7 +449,7 @@ def cli_check(argv: list[str]) -> int:
     """``vlmfit check``: 0 and a summary, or 1 and one ``FILE:RECORD: reason`` per problem."""
     args = _parser().parse_args(argv)
     if args.model:
-        from vlmfit import registry
+        from vlmfit.models import registry
 
         try:
             registry.get(args.model)

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from vlmfit.registry import CONFIG_DIR, ModelSpec
+from vlmfit.models.registry import CONFIG_DIR, ModelSpec
 
 
 @dataclass(frozen=True)
@@ -149,7 +149,7 @@ def arch_from_config(cfg: dict[str, Any]) -> Arch:
 def arch(spec: ModelSpec) -> Arch:
     """The architecture of a registered model (tiny models: their saved config)."""
     if spec.tiny:
-        from vlmfit import tiny
+        from vlmfit.models import builders as tiny
 
         cfg = json.loads((tiny.ensure_tiny(spec.name) / "config.json").read_text())
     else:

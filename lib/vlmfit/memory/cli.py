@@ -6,13 +6,13 @@ import argparse
 import json
 import sys
 
-from vlmfit import registry
 from vlmfit.budget import Budget
 from vlmfit.memory.constants import ENGINES, RECIPES, VISION_CHUNK_TILES
 from vlmfit.memory.estimator import estimate
 from vlmfit.memory.planner import local_gpu_gib, plan
 from vlmfit.memory.profile import format_rows
 from vlmfit.memory.reference import reference_markdown, reference_rows, reference_source
+from vlmfit.models import registry
 
 
 class _UsageError(Exception):

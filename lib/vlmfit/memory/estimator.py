@@ -9,7 +9,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from vlmfit import registry
 from vlmfit.budget import Budget, image_sequence_tokens, image_tokens
 from vlmfit.memory.activations import layer_bytes, lora_copies, vision_forward_bytes
 from vlmfit.memory.architecture import arch
@@ -47,7 +46,8 @@ from vlmfit.memory.constants import (
     VISION_LAYER_I_PLAIN,
     VISION_NOGRAD_PIXEL,
 )
-from vlmfit.registry import ModelSpec
+from vlmfit.models import registry
+from vlmfit.models.registry import ModelSpec
 
 
 @dataclass

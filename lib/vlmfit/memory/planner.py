@@ -9,7 +9,6 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from vlmfit import registry
 from vlmfit.budget import Budget, image_tokens
 from vlmfit.memory.constants import (
     CUDA_CONTEXT_GIB,
@@ -20,7 +19,8 @@ from vlmfit.memory.constants import (
     SPEED,
 )
 from vlmfit.memory.estimator import Estimate, _spec, estimate
-from vlmfit.registry import ModelSpec
+from vlmfit.models import registry
+from vlmfit.models.registry import ModelSpec
 
 
 def relative_speed(finetune: str, micro_batch: int, gradient_checkpointing: bool) -> float:

@@ -16,7 +16,7 @@ from typing import Any
 from vlmfit.budget import Budget, image_sequence_tokens
 from vlmfit.memory.constants import GIB
 from vlmfit.memory.estimator import estimate
-from vlmfit.registry import ModelSpec
+from vlmfit.models.registry import ModelSpec
 
 
 def synthetic_batch(

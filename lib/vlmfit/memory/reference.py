@@ -155,7 +155,7 @@ def _predict_run(config: dict[str, Any]) -> tuple[float, tuple[int, int]] | None
 
 
 def _sort_key(r: dict[str, Any]) -> tuple:
-    from vlmfit import registry
+    from vlmfit.models import registry
 
     try:
         size = registry.get(r["model"]).params_b

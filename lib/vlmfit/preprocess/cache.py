@@ -16,8 +16,8 @@ from typing import Any
 from vlmfit.budget import Budget
 from vlmfit.data.formats import LoadResult
 from vlmfit.data.records import MediaRef
+from vlmfit.models.registry import ModelSpec
 from vlmfit.preprocess.options import Options
-from vlmfit.registry import ModelSpec
 from vlmfit.train import runs
 
 #: Bump whenever the output for the same inputs changes (invalidates every cache entry).

@@ -6,8 +6,8 @@ import argparse
 import sys
 
 from vlmfit import budget as B
-from vlmfit import registry
 from vlmfit.data.records import DataError
+from vlmfit.models import registry
 from vlmfit.preprocess.options import POLICIES
 from vlmfit.preprocess.pipeline import preprocess
 from vlmfit.preprocess.result import truncation_risk

@@ -11,10 +11,10 @@ from vlmfit import budget as B
 from vlmfit.budget import Budget
 from vlmfit.data import media
 from vlmfit.data.records import MediaRef, Problem, Record
+from vlmfit.models.registry import ModelSpec
 from vlmfit.preprocess.cache import media_hash
 from vlmfit.preprocess.options import Options
 from vlmfit.preprocess.read import fail_or_continue
-from vlmfit.registry import ModelSpec
 
 
 @dataclass

@@ -9,10 +9,10 @@ from typing import Any
 
 from vlmfit.budget import Budget
 from vlmfit.data.records import Problem, Record, count_parts
+from vlmfit.models.registry import ModelSpec
 from vlmfit.preprocess.costs import MediaTable, Use, cost, record_media
 from vlmfit.preprocess.options import Options
 from vlmfit.preprocess.read import fail_or_continue
-from vlmfit.registry import ModelSpec
 
 SHRINK_FACTOR = 0.75  # each shrink step keeps at most 3/4 of the per-image token cap
 
@@ -141,7 +141,7 @@ def count_tokens(
 ) -> tuple[list[Sample], bool]:
     """Each record's exact length before and after the budget, with the over-length policy
     applied; and whether the tokenizer merges ``\\n\\n`` into one token."""
-    from vlmfit.procs import load_processor
+    from vlmfit.models.processors import load_processor
 
     processor = load_processor(
         source, spec.family.name, **({"revision": revision} if revision else {})

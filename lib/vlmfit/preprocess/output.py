@@ -14,11 +14,11 @@ from vlmfit import budget as B
 from vlmfit.budget import Budget
 from vlmfit.data.formats import LoadResult
 from vlmfit.data.records import Problem
+from vlmfit.models.registry import ModelSpec
 from vlmfit.preprocess.cache import PIPELINE_VERSION, fingerprint, write_json
 from vlmfit.preprocess.lengths import Sample
 from vlmfit.preprocess.options import Options
 from vlmfit.preprocess.read import sort_key
-from vlmfit.registry import ModelSpec
 
 
 def _message(m: dict[str, Any]) -> dict[str, Any]:

@@ -9,8 +9,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from vlmfit import budget as B
-from vlmfit import registry
 from vlmfit.budget import Budget
+from vlmfit.models import registry
 from vlmfit.preprocess.cache import (
     atomic_folder,
     cache_inputs,

@@ -7,8 +7,8 @@ from pathlib import Path
 from vlmfit.data.formats import LoadResult, load_records
 from vlmfit.data.records import DataError, Problem, Record
 from vlmfit.data.validate import validate_records
+from vlmfit.models.registry import ModelSpec
 from vlmfit.preprocess.options import Options
-from vlmfit.registry import ModelSpec
 
 
 def sort_key(p: Problem) -> tuple[str, int]:

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from vlmfit import budget as B
-from vlmfit import registry
 from vlmfit.budget import Budget
 from vlmfit.data.records import Problem
+from vlmfit.models import registry
 
 
 @dataclass

@@ -11,14 +11,14 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from vlmfit import registry
 from vlmfit.budget import Budget
 from vlmfit.data import media
 from vlmfit.data.records import MediaRef
+from vlmfit.models import registry
+from vlmfit.models.registry import ModelSpec
 from vlmfit.preprocess.costs import Media, cost, nonempty
 from vlmfit.preprocess.lengths import Sample, sample_budget
 from vlmfit.preprocess.options import Options
-from vlmfit.registry import ModelSpec
 
 SMALL_EDGE = 128  # outputs no larger than this are PNG even from JPEG sources
 JPEG_QUALITY = 95

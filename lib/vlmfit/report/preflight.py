@@ -83,7 +83,7 @@ def check_parameters(path: str | Path, params: dict[str, Any]) -> dict[str, Any]
 
 
 def check_model(name: str) -> None:
-    from vlmfit import registry
+    from vlmfit.models import registry
 
     try:
         registry.get(name)
@@ -113,7 +113,7 @@ def hub_problem(model: str, weights: str, revision: str | None = None) -> tuple[
     dead network). Unreachable but in the local cache: fine, and the run goes offline
     (``go_offline``) so no library retries either.
     """
-    from vlmfit import registry
+    from vlmfit.models import registry
 
     spec = registry.get(model)
     if spec.tiny or weights != "hub":

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from vlmfit.registry import ModelSpec
+from vlmfit.models.registry import ModelSpec
 
 #: Dense bf16 peak of the GPUs we report MFU for (FLOP/s, vendor datasheets, no sparsity).
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}

@@ -5,7 +5,7 @@ freezing and LoRA targeting, image/video token handling, processor settings,
 chat template) lives here, so the rest of vlmfit never branches on a model
 class. Adding a model is one ``ModelSpec`` in ``MODELS``.
 
-    >>> from vlmfit import registry
+    >>> from vlmfit.models import registry
     >>> spec = registry.get("smolvlm")
     >>> spec.family.name, spec.hub_id
     ('idefics3', 'HuggingFaceTB/SmolVLM-256M-Instruct')
@@ -145,7 +145,7 @@ class ModelSpec:
     family: Family
     hub_id: str
     revision: str  # pinned hub revision (branch or commit); override with REVISION=
-    arch_config: str  # file in vlmfit/configs/ with the published architecture (random weights)
+    arch_config: str  # file in models/configs/ with the published architecture (random weights)
     # Image-processor settings as published in the model's preprocessor_config.json.
     processor: dict[str, Any] = field(default_factory=dict)
     params_b: float = 0.0  # total parameters, billions (published)
@@ -233,7 +233,7 @@ MODELS: dict[str, ModelSpec] = {
             dict(QWEN_HUB_PROCESSOR),
             8.29,
         ),
-        # Tiny offline models: a few layers, built from a config in code (vlmfit.tiny).
+        # Tiny offline models: a few layers, built from a config in code (vlmfit.models.builders).
         ModelSpec(
             "tiny-smolvlm",
             IDEFICS3,

@@ -3,7 +3,7 @@
 One path for all three sources (``weights``):
 
 - ``hub``: ``from_pretrained(spec.hub_id, revision=spec.revision)`` (the real thing);
-- ``tiny``: a tiny model saved locally by ``vlmfit.tiny`` and loaded by the same
+- ``tiny``: a tiny model saved locally by ``vlmfit.models.builders`` and loaded by the same
   ``from_pretrained`` call;
 - ``random``: the published full-size architecture with random weights, built directly
   on the target device (memory and speed do not depend on the weights' values).
@@ -18,20 +18,20 @@ from typing import Any
 import torch
 import transformers
 
-from vlmfit.procs import load_processor
-from vlmfit.registry import ModelSpec
+from vlmfit.models.processors import load_processor
+from vlmfit.models.registry import ModelSpec
 
 
 def resolve_source(
     spec: ModelSpec, weights: str, revision: str | None = None
 ) -> tuple[str | Path, str | None]:
     """Where ``from_pretrained`` reads from, and the revision (None for local folders)."""
-    from vlmfit import tiny
+    from vlmfit.models import builders
 
     if spec.tiny:
-        return tiny.ensure_tiny(spec.name), None
+        return builders.ensure_tiny(spec.name), None
     if weights == "random":
-        return tiny.ensure_random(spec.name), None
+        return builders.ensure_random(spec.name), None
     if weights == "hub":
         return spec.hub_id, revision or spec.revision
     path = Path(weights)  # a local folder with a downloaded / merged model
@@ -124,9 +124,9 @@ def load_model(
 
 def save_random(spec: ModelSpec, dtype: torch.dtype = torch.bfloat16) -> Path:
     """Full-size random weights saved with ``save_pretrained`` (once), for quantized loads."""
-    from vlmfit import tiny
+    from vlmfit.models import builders
 
-    src = tiny.ensure_random(spec.name)
+    src = builders.ensure_random(spec.name)
     out = src.parent / f"{src.name}-weights-{str(dtype).split('.')[-1]}"
     if (out / "config.json").exists() and any(out.glob("*.safetensors")):
         return out
@@ -140,7 +140,7 @@ def save_random(spec: ModelSpec, dtype: torch.dtype = torch.bfloat16) -> Path:
         model.save_pretrained(tmp)
         load_processor(src, spec.family.name).save_pretrained(tmp)
 
-    tiny._atomic_save(build, out)
+    builders._atomic_save(build, out)
     return out
 
 

@@ -7,13 +7,13 @@ back through the same ``from_pretrained`` path that hub models take
 - ``tiny-<family>``: a few layers (hidden 64), a byte-level BPE tokenizer trained
   here in milliseconds, the family's real processor class with small image settings.
 - ``WEIGHTS=random``: a registered model's published architecture
-  (``vlmfit/configs/<model>.json``) at full size with random weights, for memory and
+  (``vlmfit/models/configs/<model>.json``) at full size with random weights, for memory and
   speed measurements. Its special-token ids are remapped to the local tokenizer's ids
   (all below the published vocabulary size), which changes no tensor shape.
 
 Usage::
 
-    python -c "from vlmfit import tiny; print(tiny.ensure_tiny('tiny-smolvlm'))"
+    python -c "from vlmfit.models import builders; print(builders.ensure_tiny('tiny-smolvlm'))"
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from vlmfit.registry import CONFIG_DIR, Family, ModelSpec
+from vlmfit.models.registry import CONFIG_DIR, Family, ModelSpec
 from vlmfit.train import runs
 
 # Bump when the tiny builders change: cached tiny models are rebuilt.
@@ -92,7 +92,7 @@ def build_processor(spec: ModelSpec, tokenizer=None):
     """The family's real processor class with ``spec.processor`` image settings."""
     import transformers
 
-    from vlmfit.procs import has_torchvision, qwen_image_only
+    from vlmfit.models.processors import has_torchvision, qwen_image_only
 
     fam = spec.family
     tokenizer = tokenizer or _train_tokenizer(fam)
@@ -249,7 +249,7 @@ def ensure_tiny(name: str, cache_dir: str | Path | None = None, seed: int = 0) -
     import torch
     import transformers
 
-    from vlmfit import registry
+    from vlmfit.models import registry
 
     spec = registry.get(name)
     if not spec.tiny:
@@ -298,7 +298,7 @@ def ensure_random(name: str, cache_dir: str | Path | None = None) -> Path:
     weights directly on the target device (saving billions of random weights would
     only cost disk and time).
     """
-    from vlmfit import registry
+    from vlmfit.models import registry
 
     spec = registry.get(name)
     out = Path(cache_dir or DEFAULT_CACHE) / f"{name}-random-v{TINY_VERSION}"

@@ -1,0 +1,66 @@
+"""Models: the registry of supported models, loading them, and offline builders.
+
+- ``registry``: one ``ModelSpec`` per supported model, holding all of its quirks
+  (torch-free; importing it does not import torch);
+- ``loading``: load a model and its processor (hub, tiny or random weights), freeze
+  module groups, LoRA targets;
+- ``builders``: tiny offline models and full-size random-weight architectures;
+- ``processors``: processor loading with and without torchvision;
+- ``configs/``: the published architectures (JSON) that random weights are built from.
+
+``loading``'s functions are re-exported here (``vlmfit.models.load_model``), imported
+on first use so that ``from vlmfit.models import registry`` stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vlmfit.models.loading import (
+        load_model,
+        lora_targets,
+        module_groups,
+        qlora_skip_modules,
+        quantization_config,
+        resolve_source,
+        save_random,
+        set_trainable,
+    )
+
+_LOADING = (
+    "load_model",
+    "lora_targets",
+    "module_groups",
+    "qlora_skip_modules",
+    "quantization_config",
+    "resolve_source",
+    "save_random",
+    "set_trainable",
+)
+
+_SUBMODULES = ("builders", "loading", "processors", "registry")
+
+__all__ = [
+    "builders",
+    "load_model",
+    "loading",
+    "lora_targets",
+    "module_groups",
+    "processors",
+    "qlora_skip_modules",
+    "quantization_config",
+    "registry",
+    "resolve_source",
+    "save_random",
+    "set_trainable",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LOADING:
+        return getattr(importlib.import_module("vlmfit.models.loading"), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
