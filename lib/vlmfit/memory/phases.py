@@ -8,8 +8,7 @@ import time
 from typing import Any
 
 from vlmfit.memory.constants import GIB
-from vlmfit.memory.estimator import estimate
-from vlmfit.memory.profile import format_rows, free_memory, model_batch
+from vlmfit.memory.profile import format_rows, free_memory, loop_estimate, model_batch
 
 PHASES = (
     ("weights (+ adapters)", ("weights", "trainable params"), "measured"),
@@ -103,23 +102,7 @@ def measure_phases(
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated()
         step_s = time.perf_counter() - t
-    est_dtype = "bf16" if dtype == torch.bfloat16 else "fp16" if dtype == torch.float16 else "fp32"
-    e = estimate(
-        spec,
-        finetune=cfg.finetune,
-        lora_r=cfg.lora_r,
-        micro_batch=mb,
-        text_tokens=seq - (visual + 2 if spec.is_qwen else visual),
-        visual_tokens=visual,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        dtype=est_dtype,
-        vision_no_grad=fastpath.vision_runs_without_grad(cfg),
-        lora_dropout=cfg.lora_dropout > 0,
-        kbit_upcast=cfg.qlora_upcast,
-        fused_lm_head=False,  # this loop calls model(**batch).loss
-        fused_lora=bool(getattr(cfg, "fused_lora", True)),  # build_model applies cfg's
-        autocast=False,  # nor does it run under autocast
-    )
+    e = loop_estimate(cfg, spec, mb, seq, visual, dtype, fastpath.vision_runs_without_grad(cfg))
     measured = {
         "weights (+ adapters)": weights / GIB,
         "gradients": grads / GIB,

@@ -164,6 +164,30 @@ def _rss() -> int:
     return psutil.Process().memory_info().rss
 
 
+def loop_estimate(cfg, spec, mb: int, seq: int, visual: int, dtype, vision_no_grad: bool):
+    """The estimate of the measuring loop's own step: ``model(**batch).loss`` (no fused LM
+    head), no autocast, ``cfg``'s LoRA and fused-LoRA settings."""
+    import torch
+
+    est_dtype = "bf16" if dtype == torch.bfloat16 else "fp16" if dtype == torch.float16 else "fp32"
+    return estimate(
+        spec,
+        finetune=cfg.finetune,
+        lora_r=cfg.lora_r,
+        micro_batch=mb,
+        text_tokens=seq - (visual + 2 if spec.is_qwen else visual),
+        visual_tokens=visual,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        dtype=est_dtype,
+        vision_no_grad=vision_no_grad,
+        lora_dropout=cfg.lora_dropout > 0,
+        kbit_upcast=cfg.qlora_upcast,
+        fused_lm_head=False,
+        fused_lora=bool(getattr(cfg, "fused_lora", True)),  # build_model applies cfg's
+        autocast=False,
+    )
+
+
 def profile_steps(
     cfg,
     *,
@@ -239,24 +263,8 @@ def profile_steps(
         peak = sampler.peak / GIB
         reserved = float("nan")
     step_s = statistics.median(times)
-    est_dtype = "bf16" if dtype == torch.bfloat16 else "fp16" if dtype == torch.float16 else "fp32"
     try:
-        est = estimate(
-            spec,
-            finetune=cfg.finetune,
-            lora_r=cfg.lora_r,
-            micro_batch=mb,
-            text_tokens=seq - (visual + 2 if spec.is_qwen else visual),
-            visual_tokens=visual,
-            gradient_checkpointing=cfg.gradient_checkpointing,
-            dtype=est_dtype,
-            vision_no_grad=bool(vision_no_grad),
-            lora_dropout=cfg.lora_dropout > 0,
-            kbit_upcast=cfg.qlora_upcast,
-            fused_lm_head=False,  # this loop calls model(**batch).loss
-            fused_lora=bool(getattr(cfg, "fused_lora", True)),  # build_model applies cfg's
-            autocast=False,  # nor does it run under autocast
-        ).peak_gib
+        est = loop_estimate(cfg, spec, mb, seq, visual, dtype, bool(vision_no_grad)).peak_gib
     except Exception:  # noqa: BLE001 - an estimate is a bonus here, never a failure
         est = float("nan")
     trainable = sum(p.numel() for p in params)

@@ -66,11 +66,7 @@ def chunked_tiles(forward, chunk: int, args: tuple, kwargs: dict):
     if isinstance(first, torch.Tensor):
         return torch.cat(outs)
     for key, value in first.items():  # a ModelOutput: per-tile tensors are joined
-        if (
-            isinstance(value, torch.Tensor)
-            and value.dim()
-            and len(value) == len(next(iter(first.values())))
-        ):
+        if isinstance(value, torch.Tensor):  # a tower's outputs are per tile
             first[key] = torch.cat([o[key] for o in outs])
         elif value is not None:
             raise ValueError(f"chunked vision forward: cannot join output {key!r}")
