@@ -20,6 +20,7 @@ import nbformat
 import pytest
 
 import browser
+from vlmfit import files
 from vlmfit.report.index import write_index
 from vlmfit.report.preflight import ParameterError, preflight
 from vlmfit.report.render import report_status
@@ -177,8 +178,8 @@ def test_reports_and_index_get_the_users_umask(pipeline):
 def test_atomic_write_follows_the_umask(tmp_path):
     old = os.umask(0o002)
     try:
-        runs.write_json(tmp_path / "a.json", {"x": 1})
-        runs.atomic_write(tmp_path / "b.html", "<p>")
+        files.write_json(tmp_path / "a.json", {"x": 1})
+        files.atomic_write(tmp_path / "b.html", "<p>")
     finally:
         os.umask(old)
     assert _mode(tmp_path / "a.json") == 0o664 and _mode(tmp_path / "b.html") == 0o664
@@ -209,9 +210,9 @@ def test_apply_umask_fixes_what_writers_left_private(tmp_path, umask):
     script = run / "go.sh"
     script.write_text("#!/bin/sh\n")
     script.chmod(0o700)
-    assert runs.apply_umask(run) >= 2
+    assert files.apply_umask(run) >= 2
     assert _mode(weights) == 0o644 and _mode(private) == 0o755 and _mode(script) == 0o755
-    assert runs.apply_umask(run) == 0, "idempotent"
+    assert files.apply_umask(run) == 0, "idempotent"
 
 
 def test_generated_data_and_caches_get_the_users_umask(tmp_path, monkeypatch):

@@ -43,11 +43,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import random
-import shutil
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -56,7 +53,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from vlmfit.train import runs
+from vlmfit.files import atomic_folder, write_json
 
 __all__ = [
     "ANSWERS",
@@ -315,10 +312,6 @@ def _build_split(
     return records, counts
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
 def _read_meta(out: Path) -> dict[str, Any] | None:
     try:
         meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
@@ -392,10 +385,7 @@ def generate(
         raise FileExistsError(f"{out} exists and was not written by {GENERATOR}; not replacing it")
 
     started = time.perf_counter()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o777 & ~runs.umask())  # mkdtemp makes 0700: the user's umask instead
-    try:
+    with atomic_folder(out) as tmp:
         (tmp / "images").mkdir()
         seen: set[bytes] = set()
         counts: dict[str, Any] = {}
@@ -409,7 +399,7 @@ def generate(
                 question_types=qtypes,
                 seen=seen,
             )
-            _write_json(tmp / SPLITS[split][0], records)
+            write_json(tmp / SPLITS[split][0], records, ensure_ascii=False)
             counts[split] = {
                 "total": len(records),
                 "per_type": {t: sum(c[t, a] for a in ANSWERS[t]) for t in qtypes},
@@ -438,34 +428,13 @@ def generate(
                 for split, v in counts.items()
             },
         }
-        _write_json(tmp / "meta.json", meta)  # last: its presence marks a complete folder
-        _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_json(tmp / "meta.json", meta, ensure_ascii=False)  # last: marks a complete folder
     return {
         **meta,
         "status": "created",
         "path": str(out),
         "seconds": round(time.perf_counter() - started, 3),
     }
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` folder to ``out``, replacing an old generated folder."""
-    trash = None
-    if out.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, trash / out.name)
-    try:
-        os.replace(tmp, out)
-    except OSError:
-        if trash is not None and not out.exists():  # put the old folder back
-            os.replace(trash / out.name, out)
-        raise
-    finally:
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from vlmfit.files import atomic_folder
 from vlmfit.models.registry import CONFIG_DIR, Family, ModelSpec
-from vlmfit.train import runs
 
 # Bump when the tiny builders change: cached tiny models are rebuilt.
 TINY_VERSION = "8"
@@ -228,22 +226,6 @@ def _strong_positions(model, std: float | None = None):
             pos.weight.normal_(0.0, std)
 
 
-def _atomic_save(build, out: Path) -> Path:
-    """Run ``build(tmpdir)`` then rename into place, so a killed build leaves nothing half-made."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o777 & ~runs.umask())  # mkdtemp makes 0700: the user's umask instead
-    try:
-        build(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
 def ensure_tiny(name: str, cache_dir: str | Path | None = None, seed: int = 0) -> Path:
     """Build (once) and return the folder of a tiny model, saved with ``save_pretrained``."""
     import torch
@@ -259,7 +241,7 @@ def ensure_tiny(name: str, cache_dir: str | Path | None = None, seed: int = 0) -
     if (out / "vlmfit_tiny.json").exists():
         return out
 
-    def build(tmp: Path) -> None:
+    with atomic_folder(out) as tmp:
         processor = build_processor(spec)
         config = tiny_config(spec, processor.tokenizer)
         torch.manual_seed(seed)
@@ -268,8 +250,7 @@ def ensure_tiny(name: str, cache_dir: str | Path | None = None, seed: int = 0) -
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         (tmp / "vlmfit_tiny.json").write_text(json.dumps({"name": name, "seed": seed}))
-
-    return _atomic_save(build, out)
+    return out
 
 
 def random_config(spec: ModelSpec, tokenizer):
@@ -305,11 +286,10 @@ def ensure_random(name: str, cache_dir: str | Path | None = None) -> Path:
     if (out / "vlmfit_random.json").exists():
         return out
 
-    def build(tmp: Path) -> None:
+    with atomic_folder(out) as tmp:
         processor = build_processor(spec)
         config = random_config(spec, processor.tokenizer)
         config.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         (tmp / "vlmfit_random.json").write_text(json.dumps({"name": name}))
-
-    return _atomic_save(build, out)
+    return out

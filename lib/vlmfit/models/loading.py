@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import transformers
 
+from vlmfit.files import atomic_folder
 from vlmfit.models.processors import load_processor
 from vlmfit.models.registry import ModelSpec
 
@@ -136,11 +137,9 @@ def save_random(spec: ModelSpec, dtype: torch.dtype = torch.bfloat16) -> Path:
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = cls._from_config(config, dtype=dtype)
 
-    def build(tmp: Path, model=model) -> None:
+    with atomic_folder(out) as tmp:
         model.save_pretrained(tmp)
         load_processor(src, spec.family.name).save_pretrained(tmp)
-
-    builders._atomic_save(build, out)
     return out
 
 

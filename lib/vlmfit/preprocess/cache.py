@@ -1,4 +1,4 @@
-"""The cache folder: content hashes, the fingerprint of a run's inputs, atomic writes."""
+"""The cache folder: content hashes, the fingerprint of a run's inputs, completeness."""
 
 from __future__ import annotations
 
@@ -6,10 +6,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +14,6 @@ from vlmfit.data.formats import LoadResult
 from vlmfit.data.records import MediaRef
 from vlmfit.models.registry import ModelSpec
 from vlmfit.preprocess.options import Options
-from vlmfit.train import runs
 
 #: Bump whenever the output for the same inputs changes (invalidates every cache entry).
 PIPELINE_VERSION = 2  # 2: records carry their token count (``length``) for length-grouped batches
@@ -127,27 +122,3 @@ def cache_inputs(
 
 def is_complete(folder: Path) -> bool:
     return (folder / "manifest.json").is_file() and (folder / "records.jsonl").is_file()
-
-
-def write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=1, ensure_ascii=False, default=str) + "\n")
-
-
-@contextmanager
-def atomic_folder(out: Path) -> Iterator[Path]:
-    """A temporary folder next to ``out``, renamed to ``out`` when the block succeeds and
-    removed when it fails. If another process finished ``out`` first, theirs is kept."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o777 & ~runs.umask())  # mkdtemp makes 0700: the user's umask instead
-    try:
-        yield tmp
-        try:
-            os.rename(tmp, out)
-        except OSError:
-            if not (out / "manifest.json").is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

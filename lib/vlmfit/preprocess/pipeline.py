@@ -10,14 +10,9 @@ from pathlib import Path
 
 from vlmfit import budget as B
 from vlmfit.budget import Budget
+from vlmfit.files import atomic_folder, write_json
 from vlmfit.models import registry
-from vlmfit.preprocess.cache import (
-    atomic_folder,
-    cache_inputs,
-    fingerprint,
-    is_complete,
-    write_json,
-)
+from vlmfit.preprocess.cache import cache_inputs, fingerprint, is_complete
 from vlmfit.preprocess.costs import probe_media
 from vlmfit.preprocess.lengths import count_tokens, recount_decoded
 from vlmfit.preprocess.options import Options
@@ -102,7 +97,7 @@ def preprocess(
         samples, merges = count_tokens(
             spec, source, revision, records, table, budget, problems, opts
         )
-    with atomic_folder(out) as tmp:
+    with atomic_folder(out, keep=is_complete) as tmp:  # theirs, if another run finished first
         with _timed(timings, "media"):
             done = save_media(tmp, spec, samples, budget, merges, opts)
         with _timed(timings, "write"):
@@ -114,7 +109,7 @@ def preprocess(
             fp, data, loaded, spec, budget, inputs, n_in, result, problems, opts, timings
         )
         timings["total"] = time.perf_counter() - started
-        write_json(tmp / "manifest.json", info)  # last: marks a complete folder
+        write_json(tmp / "manifest.json", info, indent=1, ensure_ascii=False)  # last: complete
     res = load_result(out, started)
     res.cache_hit = False
     print(f"built: {out} ({res.seconds:.1f} s)")

@@ -7,9 +7,9 @@ import json
 import time
 from pathlib import Path
 
+from vlmfit.files import atomic_write
 from vlmfit.report.render import report_meta, report_status
 from vlmfit.report.runner import REPORTS, clock
-from vlmfit.train.runs import atomic_write
 
 # Report order in the index: the pipeline's order, then anything else by name.
 PIPELINE = ("preprocess", "profile", "sft", "dpo")

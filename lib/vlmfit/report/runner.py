@@ -14,10 +14,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vlmfit.files import apply_umask, atomic_write
 from vlmfit.report.preflight import notebook_parameters, parse_value, preflight, run_id_of
 from vlmfit.report.render import ANSI, ERROR_TAG, to_html
-from vlmfit.train import runs
-from vlmfit.train.runs import atomic_write
 
 REPORTS = Path("reports")
 
@@ -208,7 +207,7 @@ def run_notebook(
         if watcher:
             watcher.finish()
         if metrics is not None:  # weights and checkpoints get the umask like every file
-            runs.apply_umask(metrics.parent)
+            apply_umask(metrics.parent)
         for k, v in saved_env.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from vlmfit import files
 from vlmfit.train.runs import REPO_ROOT
 
 #: accelerate configs, one per engine (``DIST=``); the file is ``accelerate/<name>.yaml``.
@@ -212,9 +213,7 @@ def save_model(trainer, out: Path) -> Path:
     trainer.save_model(str(tmp))
     if is_main():
         (tmp / "training_args.bin").unlink(missing_ok=True)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
+        files.replace_folder(tmp, target)
         print(f"rank {rank()} of {world_size()}: saved {target}", flush=True)
     barrier()
     return target

@@ -4,15 +4,15 @@ the summary. Every rank runs every step; rank 0 alone writes the run folder."""
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.trainer_utils import get_last_checkpoint
 
-from vlmfit import memory
+from vlmfit import files, memory
 from vlmfit.config import RunConfig, validate
 from vlmfit.data.records import Record
 from vlmfit.train import distributed, fastpath, runs
@@ -107,8 +107,8 @@ def load_data(cfg: RunConfig, out: Path, origin: dict[str, str] | None, progress
     train_ds = load_prepared(folder, preference=preference)
     env = runs.environment()
     if distributed.is_main():
-        runs.write_json(out / "config.json", {"config": cfg.to_dict(), "origin": origin or {}})
-        runs.write_json(out / "environment.json", env)
+        files.write_json(out / "config.json", {"config": cfg.to_dict(), "origin": origin or {}})
+        files.write_json(out / "environment.json", env)
     eval_records = (
         load_training_records(
             cfg.eval_data, preference=False, split=cfg.eval_split, model=cfg.model
@@ -187,9 +187,8 @@ def train(cfg: RunConfig, built: Built, data: Data, out: Path, progress: bool) -
             trainer.data_collator, out / "ranks" / f"rank-{distributed.rank()}.jsonl"
         )
     resume_from = None
-    if cfg.resume:
-        ck = runs.last_checkpoint(out)
-        resume_from = str(ck) if ck else None
+    if cfg.resume and (out / "checkpoints").is_dir():
+        resume_from = get_last_checkpoint(out / "checkpoints")
     # DPO: reward accuracy and margins on the held-out pairs before training, to compare
     dpo_before = trainer.evaluate() if data.eval_ds is not None and resume_from is None else {}
     if torch.cuda.is_available():  # the training peak, without loading and evaluation
@@ -217,14 +216,9 @@ def save(fit: Fit, processor, out: Path) -> None:
 def save_model(model, processor, out: Path) -> Path:
     """The adapter in PEFT's standard format (or the full model), plus the processor."""
     target = out / "adapter"
-    tmp = out / ".adapter.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
+    with files.atomic_folder(target) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
     return target
 
 
@@ -288,9 +282,9 @@ def summarize(
 def write_results(out: Path, before: dict, after: dict, summary: dict[str, Any]) -> None:
     """``eval.json`` and ``summary.json`` (rank 0), then every rank waits for them."""
     if distributed.is_main():
-        runs.write_json(out / "eval.json", {"before": before, "after": after})
-        runs.write_json(out / "summary.json", summary)
-        runs.apply_umask(out)  # weights and checkpoints readable as the user's other files
+        files.write_json(out / "eval.json", {"before": before, "after": after})
+        files.write_json(out / "summary.json", summary)
+        files.apply_umask(out)  # weights and checkpoints readable as the user's other files
     distributed.barrier()  # no rank exits (ending the launch) before the files exist
 
 

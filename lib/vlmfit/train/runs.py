@@ -21,7 +21,6 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,60 +29,6 @@ REPO_ROOT = Path(__file__).resolve().parents[3]
 
 class RunExistsError(RuntimeError):
     """Training into a run id that already holds a run, without RESUME=1 or OVERWRITE=1."""
-
-
-def umask() -> int:
-    """The process umask (read without changing it for good)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: str | Path, data: str | bytes) -> Path:
-    """Write a file atomically (temp file in the same folder, then rename).
-
-    The file gets the user's umask like any ``open()``-created file (``mkstemp`` alone
-    leaves 0600, which locks other users and the host out of mounted reports and runs).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.chmod(tmp, 0o666 & ~umask())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def apply_umask(root: str | Path) -> int:
-    """Give every file and folder under ``root`` the user's umask; returns how many changed.
-
-    Some writers ignore it: safetensors writes weights 0600, ``mkdtemp`` folders are 0700.
-    In a mounted ``runs/`` that locks the host user out of their own adapter. Executable
-    bits are kept where they are set.
-    """
-    root = Path(root)
-    if not root.exists():
-        return 0
-    mask, changed = umask(), 0
-    for p in [root, *root.rglob("*")]:
-        if p.is_symlink():
-            continue
-        mode = p.stat().st_mode & 0o777
-        want = (0o777 if p.is_dir() or mode & 0o111 else 0o666) & ~mask
-        if mode != want:
-            p.chmod(want)
-            changed += 1
-    return changed
-
-
-def write_json(path: str | Path, obj: Any) -> Path:
-    """Write JSON atomically, with the user's umask (:func:`atomic_write`)."""
-    return atomic_write(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def has_run(path: str | Path) -> bool:
@@ -201,11 +146,3 @@ class MetricsLog:
 
 def run_dir(runs_dir: str | Path, run_id: str) -> Path:
     return Path(runs_dir) / run_id
-
-
-def last_checkpoint(path: Path) -> Path | None:
-    ckpts = sorted(
-        (p for p in (path / "checkpoints").glob("checkpoint-*") if p.is_dir()),
-        key=lambda p: int(p.name.split("-")[-1]),
-    )
-    return ckpts[-1] if ckpts else None
