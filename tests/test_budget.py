@@ -23,6 +23,7 @@ from PIL import Image
 from vlmfit import budget as B
 from vlmfit import cli
 from vlmfit.budget import Budget
+from vlmfit.budget.cost import processed_size
 from vlmfit.models import registry
 
 QwenPil = pytest.importorskip(
@@ -117,23 +118,6 @@ def test_area_test_uses_rounded_sides():
 # --------------------------------------------------------------------------- vs real processors
 
 
-def test_smart_resize_matches_transformers_exhaustively():
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-
-    sizes = [
-        (h, w) for h in (1, 2, 13, 27, 28, 29, 55, 100, 999, 1000, 4032) for w in range(1, 5000, 37)
-    ]
-    for mn, mx in [(3136, 12845056), (256 * 784, 1280 * 784), (784, 3136)]:
-        for h, w in sizes:
-            try:
-                want = smart_resize(h, w, 28, mn, mx)
-            except ValueError:
-                with pytest.raises(ValueError, match="aspect ratio"):
-                    B.smart_resize(h, w, 28, mn, mx)
-                continue
-            assert B.smart_resize(h, w, 28, mn, mx) == want, (h, w, mn, mx)
-
-
 @pytest.mark.parametrize(
     "spec", [QWEN, QWEN_CARD, registry.get("tiny-qwen2-vl")], ids=["hub", "card", "tiny"]
 )
@@ -144,9 +128,8 @@ def test_qwen_tokens_match_processor(spec):
     # runs in every config, 2000x2000 and 13.5 MP (above max_pixels) at hub defaults only.
     big = {(2000, 2000), (4500, 3000)}
     for w, h in QWEN_SIZES if spec is QWEN else [s for s in QWEN_SIZES if s not in big]:
-        tokens, (pw, ph) = qwen_real(proc, w, h)
-        gh, gw = B.qwen_grid(w, h, **{k: spec.processor[k] for k in ("min_pixels", "max_pixels")})
-        if (B.image_tokens(spec, w, h), gh * 14, gw * 14) != (tokens, ph, pw):
+        tokens, size = qwen_real(proc, w, h)
+        if (B.image_tokens(spec, w, h), processed_size(spec, w, h, None)) != (tokens, size):
             bad.append(((w, h), B.image_tokens(spec, w, h), tokens))
         assert B.image_sequence_tokens(spec, w, h) == tokens + 2
     assert not bad, bad
@@ -207,6 +190,18 @@ def test_idefics3_longest_edge_not_multiple_of_tile():
     assert (rows, cols, tokens) == (2, 2, 5 * 64)
     assert B.image_tokens(spec, 1000, 510) == tokens
     assert proc.get_number_of_image_patches(510, 1000)[0] == 3  # the helper's (wrong) count
+
+
+def test_idefics3_single_tile_is_one_tile_not_zero():
+    """For a single tile (no splitting, or an image within one tile) the processor's
+    get_number_of_image_patches says 0 patches; processing encodes one tile all the same."""
+    for spec, (w, h) in [(SMOL_NOSPLIT, (640, 480)), (registry.get("tiny-smolvlm"), (10, 10))]:
+        p = spec.processor
+        proc = idefics_processor(p)
+        assert proc.get_number_of_image_patches(h, w) == (0, 0, 0)  # the helper's (wrong) count
+        tokens, rows, cols = idefics_real(proc, Image.new("RGB", (w, h)), p["image_seq_len"])
+        assert (rows, cols, tokens) == (0, 0, p["image_seq_len"])
+        assert B.image_tokens(spec, w, h) == tokens
 
 
 def _tiny_tokenizer(special: tuple[str, ...], merge_newlines: bool):
@@ -347,10 +342,17 @@ def test_video_constants_match_transformers_source():
         Path(transformers.__file__).parent / "models/qwen2_vl/video_processing_qwen2_vl.py"
     ).read_text()
     assert 'size = {"shortest_edge": 128 * 28 * 28, "longest_edge": 28 * 28 * 768}' in src
-    for name in ("temporal_patch_size", "min_frames", "max_frames", "max_video_tokens"):
+    for name in ("patch_size", "merge_size", "temporal_patch_size", "max_video_tokens"):
         m = re.search(rf"^    {name} = (\d+)$", src, re.M)
         assert m and int(m.group(1)) == B.QWEN_VIDEO_DEFAULTS[name], name
     assert re.search(r"^    cap_pixels_per_frame = None$", src, re.M)  # None -> False
+    image = QwenPil()
+    assert {
+        "min_pixels": image.size["shortest_edge"],
+        "max_pixels": image.size["longest_edge"],
+        "patch_size": image.patch_size,
+        "merge_size": image.merge_size,
+    } == B.QWEN_IMAGE_DEFAULTS
 
 
 def test_video_tokens():
@@ -364,11 +366,67 @@ def test_video_tokens():
     # cap_pixels_per_frame: 768 frames share 0.9 * 128000 tokens -> floor 1.05 * min_pixels
     capped = B.video_tokens(QWEN, 1920, 1080, 768, cap_pixels_per_frame=True)
     assert capped < B.video_tokens(QWEN, 1920, 1080, 768)
-    assert B.sampled_frames(300, 30.0, fps=2.0) == 20
-    assert B.sampled_frames(300, 30.0, num_frames=9) == 8  # round(9 / 2) * 2
-    assert B.sampled_frames(10, 30.0, fps=0.1) == 4  # min_frames
     with pytest.raises(ValueError, match="does not take video"):
         B.video_tokens(SMOL, 640, 360, 8)
+
+
+def test_video_tokens_match_video_processor():
+    """vlmfit counts video tokens itself: transformers' Qwen2VLVideoProcessor imports
+    torchvision, which the CPU install lacks. Where it imports, its count is the truth; its
+    get_num_of_video_patches ignores cap_pixels_per_frame, so only the uncapped case compares."""
+    try:
+        from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+    except Exception as e:  # ImportError, or RuntimeError from a torchvision for another torch
+        pytest.skip(f"transformers' Qwen2-VL video processor does not import here: {e}")
+    proc = Qwen2VLVideoProcessor()
+    for budget in [None, Budget(max_image_tokens=64), Budget(min_image_tokens=200)]:
+        lo, hi = B.qwen_pixel_range(B.QWEN_VIDEO_DEFAULTS, budget)
+        kw = {"size": {"shortest_edge": lo, "longest_edge": hi}}
+        for w, h, n in [(640, 360, 16), (1920, 1080, 7), (100, 100, 1), (3840, 2160, 64)]:
+            patches = proc.get_num_of_video_patches(n, h, w, kw)
+            assert B.video_tokens(QWEN, w, h, n, budget) == patches // 4, (w, h, n, budget)
+
+
+@pytest.mark.parametrize(
+    "budget",
+    [
+        None,
+        Budget(max_image_tokens=256),
+        Budget(max_pixels=150_000, max_image_tokens=256, min_image_tokens=16),
+        Budget(min_image_tokens=200),
+        Budget(max_longest_edge=512),
+    ],
+    ids=str,
+)
+def test_qwen_pixel_caps_one_rule(budget):
+    """Image settings, video frames and the cache's video-processor settings take their
+    min / max pixels from one rule (qwen_pixel_range): the budget's min_image_tokens is the
+    floor, the lowest of the processor's max_pixels, the budget's max_pixels and
+    max_image_tokens * 784 the cap."""
+    from vlmfit.preprocess.output import _video_processor_kwargs
+
+    def expected(defaults):
+        b = budget or Budget()
+        lo = b.min_image_tokens * 784 if b.min_image_tokens else defaults["min_pixels"]
+        caps = [
+            defaults["max_pixels"],
+            b.max_pixels,
+            b.max_image_tokens and b.max_image_tokens * 784,
+        ]
+        return lo, min(c for c in caps if c)
+
+    image = expected(QWEN.processor)
+    video = expected(B.QWEN_VIDEO_DEFAULTS)
+    if budget is not None:
+        kw = B.processor_kwargs(QWEN, budget)
+        assert (kw["min_pixels"], kw["max_pixels"]) == image
+        vkw = _video_processor_kwargs(budget, [])
+        assert (vkw["min_pixels"], vkw["max_pixels"]) == video
+    assert B.qwen_pixel_range(QWEN.processor, budget) == image
+    assert B.qwen_pixel_range(B.QWEN_VIDEO_DEFAULTS, budget) == video
+    for w, h in [(1920, 1080), (100, 100)]:
+        fh, fw = B.smart_resize(h, w, 28, *video)
+        assert B.video_frame_size(QWEN, w, h, 8, budget) == (fw, fh)
 
 
 # --------------------------------------------------------------------------- CLI

@@ -1,9 +1,9 @@
 """Visual-token budget: what an image (or video) costs, exactly as the processor counts it.
 
-The image processors' size arithmetic re-implemented per family (``qwen``, ``idefics3``;
-transformers 5.23, checked against the real processors in ``tests/test_budget.py``), the
-user's :class:`Budget` and its processor settings / resize targets (``cost``), and
-``python -m vlmfit tokens`` (``cli``)::
+Per family (``qwen``, ``idefics3``): the image processor's own counts, a fix where they
+differ from processing, and the inverse, budget to processor settings (checked against
+the real processors in ``tests/test_budget.py``); the user's :class:`Budget` and its
+resize targets (``cost``), and ``python -m vlmfit tokens`` (``cli``)::
 
     >>> from vlmfit.models import registry
     >>> from vlmfit.budget import Budget, image_tokens
@@ -20,21 +20,19 @@ from vlmfit.budget.cost import (
     image_tokens,
     processor_kwargs,
 )
-from vlmfit.budget.idefics3 import IDEFICS3_MAX_IMAGE_SIZE, idefics3_layout
+from vlmfit.budget.idefics3 import idefics3_layout
 from vlmfit.budget.qwen import (
     QWEN_CARD_MAX_TOKENS,
     QWEN_IMAGE_DEFAULTS,
     QWEN_MAX_ASPECT_RATIO,
     QWEN_VIDEO_DEFAULTS,
-    qwen_grid,
-    sampled_frames,
+    qwen_pixel_range,
     smart_resize,
     video_frame_size,
     video_tokens,
 )
 
 __all__ = [
-    "IDEFICS3_MAX_IMAGE_SIZE",
     "QWEN_CARD_MAX_TOKENS",
     "QWEN_IMAGE_DEFAULTS",
     "QWEN_MAX_ASPECT_RATIO",
@@ -49,8 +47,7 @@ __all__ = [
     "image_sequence_tokens",
     "image_tokens",
     "processor_kwargs",
-    "qwen_grid",
-    "sampled_frames",
+    "qwen_pixel_range",
     "smart_resize",
     "video_frame_size",
     "video_tokens",

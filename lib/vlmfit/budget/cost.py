@@ -108,13 +108,9 @@ def image_tokens(spec: ModelSpec, width: int, height: int, budget: Budget | None
     way (``budget_size`` pre-resize + ``processor_kwargs``).
     """
     if spec.is_qwen:
-        s = qwen_settings(spec, budget)
         if budget is not None and not budget.is_empty():
-            # budget_size returns a fixed point of smart_resize: tokens = (h / 28) * (w / 28)
-            w, h = qwen_budget_size(spec, width, height, budget)
-            factor = s["patch_size"] * s["merge_size"]
-            return (w // factor) * (h // factor)
-        return qwen_tokens_at(spec, width, height, s)
+            width, height = qwen_budget_size(spec, width, height, budget)
+        return qwen_tokens_at(width, height, qwen_settings(spec, budget))
     s, _, n_tiles = idefics3_tiles(spec, width, height, budget)
     return n_tiles * s["tile_tokens"]
 

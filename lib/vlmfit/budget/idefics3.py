@@ -1,12 +1,14 @@
-"""SmolVLM / Idefics3 visual tokens, as the image processor counts them.
+"""SmolVLM / Idefics3: tiles from transformers' image processor, with a fix for each case its
+count gets wrong, and the inverse (a budget -> ``size.longest_edge`` and splitting).
 
-The processor ALWAYS rescales the longest edge to ``size.longest_edge`` (up or down), cuts
-rows x cols tiles plus one global tile, each ``(tile // patch)**2 // scale**2`` tokens.
-Pre-resizing cannot lower the cost: a budget acts through processor settings.
+The processor ALWAYS rescales the longest edge to ``size.longest_edge`` (up or down), then
+cuts rows x cols tiles plus one global tile of ``image_seq_len`` tokens each. Pre-resizing
+cannot lower the cost: a budget acts through processor settings.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -15,49 +17,25 @@ from vlmfit.models.registry import ModelSpec
 if TYPE_CHECKING:
     from vlmfit.budget.cost import Budget
 
-#: Idefics3 never lets a side exceed this after the longest-edge resize (4k).
-IDEFICS3_MAX_IMAGE_SIZE = 4096
+
+def _hf() -> Any:
+    """transformers' Idefics3 image-processor module (imported on first use: it loads torch)."""
+    from transformers.models.idefics3 import image_processing_pil_idefics3
+
+    return image_processing_pil_idefics3
+
+
+@functools.cache
+def _processor() -> Any:
+    return _hf().Idefics3ImageProcessorPil()
 
 
 def idefics3_resize(width: int, height: int, longest_edge: int) -> tuple[int, int]:
-    """The processor's first resize: longest edge -> ``longest_edge`` (up or down), the other
-    side by the aspect ratio, truncated then made even; then capped at 4096 px. Returns (w, h).
-    Mirrors ``_resize_output_size_rescale_to_max_len`` + ``..._scale_below_upper_bound``."""
-    h, w = height, width
-    aspect = w / h
-    if w >= h:
-        w = longest_edge
-        h = int(w / aspect)
-        if h % 2 != 0:
-            h += 1
-    else:
-        h = longest_edge
-        w = int(h * aspect)
-        if w % 2 != 0:
-            w += 1
-    h, w = max(h, 1), max(w, 1)
-    aspect = w / h
-    if w >= h and w > IDEFICS3_MAX_IMAGE_SIZE:
-        w = IDEFICS3_MAX_IMAGE_SIZE
-        h = int(w / aspect)
-    elif h > w and h > IDEFICS3_MAX_IMAGE_SIZE:
-        h = IDEFICS3_MAX_IMAGE_SIZE
-        w = int(h * aspect)
-    return max(w, 1), max(h, 1)
-
-
-def _idefics3_canvas(width: int, height: int, tile: int) -> tuple[int, int]:
-    """``resize_for_vision_encoder``: stretch to multiples of ``tile``. Note the short side is
-    derived from the ROUNDED long side (int(W' / aspect)), as the processor does; its
-    ``get_number_of_image_patches`` helper uses the unrounded side instead (they differ when
-    ``size.longest_edge`` is not a multiple of the tile)."""
-    aspect = width / height
-    if width >= height:
-        w = math.ceil(width / tile) * tile
-        h = math.ceil(int(w / aspect) / tile) * tile
-    else:
-        h = math.ceil(height / tile) * tile
-        w = math.ceil(int(h * aspect) / tile) * tile
+    """(w, h) after the processor's first resize (longest edge -> ``longest_edge``, then
+    capped at 4096 px), by the processor's own functions."""
+    m = _hf()
+    h, w = m._resize_output_size_rescale_to_max_len(height, width, max_len=longest_edge)
+    h, w = m._resize_output_size_scale_below_upper_bound(h, w, max_len=m.MAX_IMAGE_SIZE)
     return w, h
 
 
@@ -66,25 +44,36 @@ def idefics3_layout(
 ) -> tuple[int, int, int, int]:
     """``(resized_w, resized_h, rows, cols)`` as the Idefics3 image processor produces them.
 
-    ``resized_*`` is the size after the longest-edge resize (px). ``rows`` x ``cols`` local
-    tiles plus one global tile are encoded; ``rows == cols == 0`` means a single tile (no
-    splitting, or the image fits in one tile), which is what the processor reports too.
+    ``rows`` x ``cols`` local tiles plus one global tile are encoded; ``rows == cols == 0``
+    means a single tile (no splitting, or the image fits in one tile). From the processor's
+    ``get_number_of_image_patches``, except where it differs from what processing does
+    (``tests/test_budget.py``): it derives the short side of the tile canvas from the resized
+    side, processing from the long side rounded up to whole tiles (they differ when the
+    resized long side is not a multiple of ``tile``, e.g. ``size.longest_edge=1000``).
     """
     rw, rh = idefics3_resize(width, height, longest_edge)
-    if not do_image_splitting:
-        return rw, rh, 0, 0  # the whole image is squashed into one tile x tile square
-    cw, ch = _idefics3_canvas(rw, rh, tile)
-    if ch > tile or cw > tile:
-        # split_images: (H - T) // T + 1 rows of T px (H is a multiple of T here)
-        return rw, rh, (ch - tile) // tile + 1, (cw - tile) // tile + 1
-    return rw, rh, 0, 0
+    settings = {
+        "size": {"longest_edge": longest_edge},
+        "max_image_size": {"longest_edge": tile},
+        "do_image_splitting": do_image_splitting,
+    }
+    _, rows, cols = _processor().get_number_of_image_patches(height, width, settings)
+    if do_image_splitting and max(rw, rh) % tile:  # resize_for_vision_encoder's canvas
+        if rw >= rh:
+            cw = math.ceil(rw / tile) * tile
+            ch = math.ceil(int(cw / (rw / rh)) / tile) * tile
+        else:
+            ch = math.ceil(rh / tile) * tile
+            cw = math.ceil(int(ch * (rw / rh)) / tile) * tile
+        rows, cols = (ch // tile, cw // tile) if ch > tile or cw > tile else (0, 0)
+    return rw, rh, rows, cols
 
 
 def idefics3_processor_kwargs(spec: ModelSpec, budget: Budget) -> dict[str, Any]:
     """Idefics3's side of :func:`~vlmfit.budget.processor_kwargs`."""
     p = spec.processor
     tile = p["max_image_size"]["longest_edge"]
-    seq = (tile // p["patch_size"]) ** 2 // p["scale_factor"] ** 2
+    seq = p["image_seq_len"]
     split = p.get("do_image_splitting", True)
     if budget.do_image_splitting is not None:
         split = budget.do_image_splitting
@@ -113,18 +102,18 @@ def idefics3_processor_kwargs(spec: ModelSpec, budget: Budget) -> dict[str, Any]
 
 def idefics3_settings(spec: ModelSpec, budget: Budget | None = None) -> dict[str, Any]:
     p = spec.processor
-    tile = p["max_image_size"]["longest_edge"]
-    seq = (tile // p["patch_size"]) ** 2 // p["scale_factor"] ** 2  # tokens per tile
     kw = idefics3_processor_kwargs(spec, budget) if budget is not None else {}
     return {
         "longest_edge": kw.get("size", p["size"])["longest_edge"],
-        "tile": tile,
-        "tile_tokens": seq,
+        "tile": p["max_image_size"]["longest_edge"],
+        "tile_tokens": p["image_seq_len"],
         "do_image_splitting": kw.get("do_image_splitting", p.get("do_image_splitting", True)),
     }
 
 
 def idefics3_tiles(spec: ModelSpec, width: int, height: int, budget: Budget | None):
+    """Settings, layout and tiles encoded. A single tile counts 1 here, where the processor's
+    ``get_number_of_image_patches`` says 0 patches (it encodes one all the same)."""
     s = idefics3_settings(spec, budget)
     rw, rh, rows, cols = idefics3_layout(
         width,

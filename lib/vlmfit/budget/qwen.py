@@ -1,14 +1,14 @@
-"""Qwen2-VL / Qwen2.5-VL visual tokens, image and video, as the processors count them.
+"""Qwen2-VL / Qwen2.5-VL: image tokens from transformers' image processor, and the inverse
+(a budget -> ``min_pixels`` / ``max_pixels`` and a pre-resize target that keeps the cost).
 
-``smart_resize`` snaps H x W to multiples of 28 px (patch 14 x merge 2) and rescales only
-when the area leaves ``[min_pixels, max_pixels]``: one token per 28 x 28 px. The hub default
-``max_pixels`` (16,384 tokens) never downscales ordinary photos (1000x1000 -> 1,296 tokens),
-so a budget sets ``max_pixels`` and pre-resizes with ``budget_size``.
+``smart_resize`` rescales only when the area leaves ``[min_pixels, max_pixels]``, so the hub
+default never downscales ordinary photos (1000x1000 -> 1,296 tokens). Video tokens are
+counted here: transformers' video processor needs torchvision, absent from the CPU install.
 """
 
 from __future__ import annotations
 
-import math
+import functools
 from typing import TYPE_CHECKING, Any
 
 from vlmfit.models.registry import ModelSpec
@@ -16,7 +16,7 @@ from vlmfit.models.registry import ModelSpec
 if TYPE_CHECKING:
     from vlmfit.budget.cost import Budget
 
-# Constants copied from transformers 5.23 (tests read them back from the installed source).
+# Constants copied from transformers 5.23 (tests check them against the installed classes).
 
 #: Qwen2VLImageProcessor class defaults, used when a spec leaves a setting out.
 QWEN_IMAGE_DEFAULTS: dict[str, int] = {
@@ -24,7 +24,6 @@ QWEN_IMAGE_DEFAULTS: dict[str, int] = {
     "max_pixels": 28 * 28 * 1280,  # 1,003,520 px = 1,280 tokens (hub configs override this)
     "patch_size": 14,
     "merge_size": 2,
-    "temporal_patch_size": 2,
 }
 
 #: Qwen2VLVideoProcessor class defaults (video_processing_qwen2_vl.py). Qwen2.5-VL uses the
@@ -35,8 +34,6 @@ QWEN_VIDEO_DEFAULTS: dict[str, Any] = {
     "patch_size": 14,
     "merge_size": 2,
     "temporal_patch_size": 2,  # 2 frames share one temporal patch
-    "min_frames": 4,
-    "max_frames": 768,
     # cap_pixels_per_frame=None behaves as False in 5.23 (with a warning): no total bound.
     "cap_pixels_per_frame": False,
     "max_video_tokens": 128000,
@@ -46,92 +43,64 @@ QWEN_VIDEO_DEFAULTS: dict[str, Any] = {
 #: The Qwen model cards recommend max_pixels = 1280 * 28 * 28 (and min_pixels = 256 * 28 * 28).
 QWEN_CARD_MAX_TOKENS = 1280
 
-#: Qwen's smart_resize refuses images more elongated than this.
+#: smart_resize refuses images more elongated than this (a literal in transformers' code).
 QWEN_MAX_ASPECT_RATIO = 200
 
 
-def smart_resize(
-    height: int,
-    width: int,
-    factor: int = 28,
-    min_pixels: int = 56 * 56,
-    max_pixels: int = 14 * 14 * 4 * 1280,
-) -> tuple[int, int]:
-    """Qwen2-VL's ``smart_resize``, re-implemented operation for operation.
+def _hf() -> Any:
+    """transformers' Qwen2-VL image-processor module (imported on first use: it loads torch)."""
+    from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl
 
-    Returns ``(height, width)`` in px, both multiples of ``factor`` (28 px = patch 14 x merge
-    2). Sides are rounded to the nearest multiple; only when the rounded area leaves
-    ``[min_pixels, max_pixels]`` is the image rescaled (floor when shrinking, ceil when
-    growing). Images inside the range are NOT downscaled. Raises ``ValueError`` for aspect
-    ratios above 200, like the processor.
-    """
-    if max(height, width) / min(height, width) > QWEN_MAX_ASPECT_RATIO:
-        raise ValueError(
-            "absolute aspect ratio must be smaller than 200, "
-            f"got {max(height, width) / min(height, width)}"
-        )
-    h_bar = round(height / factor) * factor
-    w_bar = round(width / factor) * factor
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt((height * width) / max_pixels)  # linear shrink factor
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))  # linear growth factor
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
+    return image_processing_pil_qwen2_vl
 
 
-def qwen_grid(
-    width: int,
-    height: int,
-    *,
-    min_pixels: int,
-    max_pixels: int,
-    patch_size: int = 14,
-    merge_size: int = 2,
-) -> tuple[int, int]:
-    """``(grid_h, grid_w)`` in 14-px patches, as the processor's ``image_grid_thw[1:]``.
+@functools.cache
+def _processor() -> Any:
+    return _hf().Qwen2VLImageProcessorPil()
 
-    Visual tokens = grid_h * grid_w / merge_size**2 (2x2 patches merge into one token).
-    """
-    factor = patch_size * merge_size
-    h, w = smart_resize(height, width, factor, min_pixels=min_pixels, max_pixels=max_pixels)
-    return h // patch_size, w // patch_size
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int):
+    """transformers' ``smart_resize``: ``(height, width)``, multiples of ``factor``, rescaled
+    only when the rounded area leaves ``[min_pixels, max_pixels]``; ``ValueError`` beyond 200:1."""
+    return _hf().smart_resize(height, width, factor, min_pixels=min_pixels, max_pixels=max_pixels)
+
+
+def qwen_pixel_range(settings: dict[str, Any], budget: Budget | None) -> tuple[int, int]:
+    """``(min_pixels, max_pixels)`` of Qwen image or video ``settings`` under ``budget``: the
+    one rule for both (``min_image_tokens`` sets the floor; ``max_pixels`` and
+    ``max_image_tokens`` lower the cap, per image or per frame)."""
+    token_px = (settings["patch_size"] * settings["merge_size"]) ** 2  # 784 px per token
+    lo, hi = settings["min_pixels"], settings["max_pixels"]
+    if budget is not None:
+        if budget.min_image_tokens is not None:
+            lo = budget.min_image_tokens * token_px
+        if budget.max_pixels is not None:
+            hi = min(hi, budget.max_pixels)
+        if budget.max_image_tokens is not None:
+            hi = min(hi, budget.max_image_tokens * token_px)
+    return lo, hi
 
 
 def qwen_settings(spec: ModelSpec, budget: Budget | None = None) -> dict[str, int]:
     """Effective Qwen image-processor settings: published ones, then the budget's pixel caps."""
     s = {**QWEN_IMAGE_DEFAULTS, **spec.processor}
-    token_px = (s["patch_size"] * s["merge_size"]) ** 2  # 784 px per visual token
-    if budget is not None:
-        if budget.min_image_tokens is not None:
-            s["min_pixels"] = budget.min_image_tokens * token_px
-        caps = [s["max_pixels"]]
-        if budget.max_pixels is not None:
-            caps.append(budget.max_pixels)
-        if budget.max_image_tokens is not None:
-            caps.append(budget.max_image_tokens * token_px)
-        s["max_pixels"] = min(caps)
-        if s["max_pixels"] < s["min_pixels"]:
-            raise ValueError(
-                f"budget allows at most {s['max_pixels']} px per image but the processor's "
-                f"min_pixels is {s['min_pixels']} px ({s['min_pixels'] // token_px} tokens)"
-            )
+    s["min_pixels"], s["max_pixels"] = qwen_pixel_range(s, budget)
+    if s["max_pixels"] < s["min_pixels"]:
+        token_px = (s["patch_size"] * s["merge_size"]) ** 2
+        raise ValueError(
+            f"budget allows at most {s['max_pixels']} px per image but the processor's "
+            f"min_pixels is {s['min_pixels']} px ({s['min_pixels'] // token_px} tokens)"
+        )
     return s
 
 
-def qwen_tokens_at(spec: ModelSpec, width: int, height: int, settings: dict[str, int]) -> int:
-    gh, gw = qwen_grid(
-        width,
-        height,
-        min_pixels=settings["min_pixels"],
-        max_pixels=settings["max_pixels"],
-        patch_size=settings["patch_size"],
-        merge_size=settings["merge_size"],
+def qwen_tokens_at(width: int, height: int, settings: dict[str, int]) -> int:
+    """``<|image_pad|>`` tokens for a ``width`` x ``height`` image: the processor's own count."""
+    keys = ("min_pixels", "max_pixels", "patch_size", "merge_size")
+    patches = _processor().get_number_of_image_patches(
+        height, width, {k: settings[k] for k in keys}
     )
-    return gh * gw // settings["merge_size"] ** 2
+    return patches // settings["merge_size"] ** 2
 
 
 def qwen_budget_size(spec: ModelSpec, width: int, height: int, budget: Budget) -> tuple[int, int]:
@@ -174,41 +143,6 @@ def qwen_budget_size(spec: ModelSpec, width: int, height: int, budget: Budget) -
     return w, h
 
 
-def sampled_frames(
-    total_frames: int,
-    video_fps: float | None = None,
-    *,
-    fps: float | None = None,
-    num_frames: int | None = None,
-    min_frames: int = QWEN_VIDEO_DEFAULTS["min_frames"],
-    max_frames: int = QWEN_VIDEO_DEFAULTS["max_frames"],
-    temporal_patch_size: int = QWEN_VIDEO_DEFAULTS["temporal_patch_size"],
-) -> int:
-    """Frames Qwen2VLVideoProcessor.sample_frames keeps (``do_sample_frames=True``).
-
-    ``num_frames`` is rounded to a multiple of the temporal patch (2); ``fps`` samples
-    duration * fps frames, clamped to [min_frames, min(max_frames, total)] and floored to a
-    multiple of 2. Neither given: all ``total_frames`` (the 5.23 default, do_sample_frames
-    False).
-    """
-    if fps is not None and num_frames is not None:
-        raise ValueError("`num_frames` and `fps` are mutually exclusive")
-    if num_frames is not None:
-        n = round(num_frames / temporal_patch_size) * temporal_patch_size
-    elif fps is not None:
-        if video_fps is None:
-            raise ValueError("sampling by fps needs the video's own fps")
-        cap = math.floor(min(max_frames, total_frames) / temporal_patch_size) * temporal_patch_size
-        n = total_frames / video_fps * fps
-        n = min(max(n, min_frames), cap, total_frames)
-        n = math.floor(n / temporal_patch_size) * temporal_patch_size
-    else:
-        return total_frames
-    if n > total_frames:
-        raise ValueError(f"cannot sample {n} frames from a {total_frames}-frame video")
-    return int(n)
-
-
 def video_frame_size(
     spec: ModelSpec,
     width: int,
@@ -223,16 +157,9 @@ def video_frame_size(
     0.9 * max_video_tokens tokens' worth of pixels per frame, floored at 1.05 * min_pixels)."""
     if not spec.family.supports_video:
         raise ValueError(f"{spec.name} ({spec.family.name}) does not take video")
-    v = {**QWEN_VIDEO_DEFAULTS, **spec.processor.get("video", {})}
+    v = QWEN_VIDEO_DEFAULTS
     factor = v["patch_size"] * v["merge_size"]
-    min_px, max_px = v["min_pixels"], v["max_pixels"]
-    if budget is not None:
-        if budget.min_image_tokens is not None:
-            min_px = budget.min_image_tokens * factor * factor
-        if budget.max_pixels is not None:
-            max_px = min(max_px, budget.max_pixels)
-        if budget.max_image_tokens is not None:
-            max_px = min(max_px, budget.max_image_tokens * factor * factor)
+    min_px, max_px = qwen_pixel_range(v, budget)
     cap = v["cap_pixels_per_frame"] if cap_pixels_per_frame is None else cap_pixels_per_frame
     if cap:
         total_px = int(v["max_video_tokens"] * factor * factor * 0.9)
@@ -263,7 +190,7 @@ def video_tokens(
     w, h = video_frame_size(
         spec, width, height, n_frames, budget, cap_pixels_per_frame=cap_pixels_per_frame
     )
-    v = {**QWEN_VIDEO_DEFAULTS, **spec.processor.get("video", {})}
+    v = QWEN_VIDEO_DEFAULTS
     t = v["temporal_patch_size"]
     grid_t = (n_frames + -n_frames % t) // t
     factor = v["patch_size"] * v["merge_size"]

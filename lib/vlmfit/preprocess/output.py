@@ -10,12 +10,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from vlmfit import budget as B
 from vlmfit.budget import Budget
+from vlmfit.budget.qwen import QWEN_VIDEO_DEFAULTS, qwen_pixel_range
 from vlmfit.data.formats import LoadResult
 from vlmfit.data.records import Problem
+from vlmfit.files import write_json
 from vlmfit.models.registry import ModelSpec
-from vlmfit.preprocess.cache import PIPELINE_VERSION, fingerprint, write_json
+from vlmfit.preprocess.cache import PIPELINE_VERSION, fingerprint
 from vlmfit.preprocess.lengths import Sample
 from vlmfit.preprocess.options import Options
 from vlmfit.preprocess.read import sort_key
@@ -98,11 +99,7 @@ def _problem_dict(p: Problem) -> dict[str, Any]:
 
 def _video_processor_kwargs(budget: Budget, frame_sizes: list[tuple[int, int]]) -> dict[str, Any]:
     """Video-processor settings under which every saved frame is a fixed point of its resize."""
-    v = B.QWEN_VIDEO_DEFAULTS
-    px = (v["patch_size"] * v["merge_size"]) ** 2
-    lo = budget.min_image_tokens * px if budget.min_image_tokens else v["min_pixels"]
-    caps = [v["max_pixels"], budget.max_pixels, (budget.max_image_tokens or 0) * px or None]
-    hi = min(c for c in caps if c)
+    lo, hi = qwen_pixel_range(QWEN_VIDEO_DEFAULTS, budget)
     areas = [w * h for w, h in frame_sizes]
     return {
         "min_pixels": min([lo, *areas]),
@@ -126,7 +123,12 @@ def write_outputs(tmp: Path, samples: list[Sample], done: dict[str, dict[str, An
             f.write(json.dumps(_trl_row(s, with_videos), ensure_ascii=False) + "\n")
     valid = [s for s in samples if s.status != "skipped"]
     image_rows, sample_rows = _stats(valid)
-    write_json(tmp / "stats.json", {"image_stats": image_rows, "sample_stats": sample_rows})
+    write_json(
+        tmp / "stats.json",
+        {"image_stats": image_rows, "sample_stats": sample_rows},
+        indent=1,
+        ensure_ascii=False,
+    )
     status = Counter(s.status for s in valid)
     frame_sizes = [tuple(done[o]["target"]) for o in used if o.startswith("videos/")]
     return {
