@@ -1,6 +1,6 @@
 """Visual-token arithmetic (vlmfit.budget) against the REAL transformers image processors.
 
-Run: ``cd /work/main && .venv/bin/python -m pytest -q tests/test_budget.py``
+Run: ``.venv/bin/python -m pytest -q tests/test_budget.py``
 
 The processors are built offline with the published settings (no hub access). They are
 called with ``do_rescale=False, do_normalize=False``: those steps do not touch the geometry

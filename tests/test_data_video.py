@@ -17,8 +17,8 @@ torchvision out (``scripts/lock_filter.py``): PyPI's ``torchvision==0.28.0`` whe
 ``_C.so`` links ``libtorch_cuda.so`` and ``libc10_cuda.so``, which a CPU torch does not
 ship, so ``import torchvision`` fails with "operator torchvision::nms does not exist". The
 GPU container has both, and runs them:
-``PYTHONPATH=lib python -m pytest -q tests/test_data_video.py``. The fixture is read from
-``../shared/fixtures`` beside the checkout, else from ``shared/fixtures`` inside it.
+``PYTHONPATH=lib python -m pytest -q tests/test_data_video.py``. Tests that need
+LLaMA-Factory's video demo data skip where it is absent.
 """
 
 from __future__ import annotations

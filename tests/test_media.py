@@ -1,7 +1,7 @@
 """Tests for vlmfit.data.media: images in every mode, EXIF orientation, broken files,
 decompression bombs, video probing / sampling (incl. seeking), resizing.
 
-Fixtures are built in ``tmp_path``; the demo videos under /work/shared are only read.
+Fixtures are built in ``tmp_path``; LLaMA-Factory's demo videos, where present, are only read.
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ FULL_SIZE = [n for n in registry.names(include_tiny=False)]
 
 # Measured peak allocated memory (GiB) on one H100, random weights, bf16 LoRA r=16 on the
 # language model, SDPA, non-reentrant gradient checkpointing, AdamW, 256 text tokens + one
-# square image at the processor's defaults. Source: shared/reference/architectures.md
-# ("Measured on one H100"), transformers 5.17 / peft 0.21 / torch 2.11. (model, estimate
+# square image at the processor's defaults: the H100 reference table in docs/memory.md
+# ("ref"), transformers 5.17 / peft 0.21 / torch 2.11. (model, estimate
 # kwargs, measured GiB)
 REFERENCE_BF16_LORA = [
     ("qwen2.5-vl-7b", {"image_size": (448, 448)}, 17.3),

@@ -1,6 +1,6 @@
 """Preprocessing (vlmfit.preprocess): budget, exact sequence lengths, policies, cache, video.
 
-Run: ``cd /work/main && .venv/bin/python -m pytest -q tests/test_preprocess.py``
+Run: ``.venv/bin/python -m pytest -q tests/test_preprocess.py``
 (``-m "not slow"`` skips the notebook run). Tiny models are built once per session into a
 temporary VLMFIT_CACHE; images are small, so most of the time is importing transformers.
 """

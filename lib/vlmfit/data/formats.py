@@ -4,7 +4,7 @@ Usage::
 
     from vlmfit.data.formats import load_records
 
-    result = load_records("shared/fixtures/llamafactory_mllm_demo/mllm_demo.json")
+    result = load_records("mllm_demo.json")  # LLaMA-Factory's demo data
     result.fmt, result.counts        # ('llamafactory', {'llamafactory': 6})
     result.records[0].messages[0]    # {'role': 'user', 'content': [{'type': 'image'}, ...]}
     result.problems                  # [Problem('x.jsonl', 7, 'invalid JSON: ...'), ...]

@@ -27,11 +27,9 @@ from PIL import Image
 
 def load_frames(paths: list[str]) -> list[Image.Image]:
     """A video's frames, RGB, in the order given (the cache's name order)."""
-    frames = []
-    for p in paths:
-        with Image.open(p) as im:
-            frames.append(im.convert("RGB"))
-    return frames
+    from transformers.image_utils import load_image
+
+    return [load_image(p) for p in paths]  # frames vlmfit wrote: no errors to name
 
 
 def fill_video_parts(messages: list[dict[str, Any]], videos: list[Any]) -> list[dict[str, Any]]:

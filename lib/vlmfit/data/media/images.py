@@ -3,6 +3,9 @@ oriented size from the header only (:func:`image_size`), and the one high-qualit
 
 Pillow's process-wide settings are left alone: truncated files are errors and the
 decompression-bomb limit is our own per-call ``max_pixels``, checked on the header.
+Not ``transformers.image_utils.load_image`` (the same EXIF turn and RGB): for user data
+vlmfit needs errors naming the file and their kind, truncation and colour-profile
+handling, and the size from the header without decoding.
 """
 
 from __future__ import annotations

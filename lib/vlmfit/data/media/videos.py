@@ -1,6 +1,11 @@
 """Videos through PyAV: metadata (:func:`probe_video`), and frames sampled uniformly in
 time (:func:`sample_video`), seeking on long videos yet picking the frames a sequential
-decode would."""
+decode would.
+
+Not ``transformers.video_utils.load_video``: its PyAV reader decodes from the start to
+the last frame it picks (no seeking), picks by frame index rather than time, ignores the
+display rotation and names no file in its errors.
+"""
 
 from __future__ import annotations
 
