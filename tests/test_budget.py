@@ -342,10 +342,9 @@ def test_video_constants_match_transformers_source():
         Path(transformers.__file__).parent / "models/qwen2_vl/video_processing_qwen2_vl.py"
     ).read_text()
     assert 'size = {"shortest_edge": 128 * 28 * 28, "longest_edge": 28 * 28 * 768}' in src
-    for name in ("patch_size", "merge_size", "temporal_patch_size", "max_video_tokens"):
+    for name in ("patch_size", "merge_size", "temporal_patch_size"):
         m = re.search(rf"^    {name} = (\d+)$", src, re.M)
         assert m and int(m.group(1)) == B.QWEN_VIDEO_DEFAULTS[name], name
-    assert re.search(r"^    cap_pixels_per_frame = None$", src, re.M)  # None -> False
     image = QwenPil()
     assert {
         "min_pixels": image.size["shortest_edge"],
@@ -363,17 +362,13 @@ def test_video_tokens():
         per_patch, _ = qwen_real(proc, w, h)
         assert B.video_tokens(QWEN, w, h, n) == math.ceil(n / 2) * per_patch
     assert B.video_tokens(QWEN, 640, 360, 16) == 8 * 13 * 23
-    # cap_pixels_per_frame: 768 frames share 0.9 * 128000 tokens -> floor 1.05 * min_pixels
-    capped = B.video_tokens(QWEN, 1920, 1080, 768, cap_pixels_per_frame=True)
-    assert capped < B.video_tokens(QWEN, 1920, 1080, 768)
     with pytest.raises(ValueError, match="does not take video"):
         B.video_tokens(SMOL, 640, 360, 8)
 
 
 def test_video_tokens_match_video_processor():
     """vlmfit counts video tokens itself: transformers' Qwen2VLVideoProcessor imports
-    torchvision, which the CPU install lacks. Where it imports, its count is the truth; its
-    get_num_of_video_patches ignores cap_pixels_per_frame, so only the uncapped case compares."""
+    torchvision, which the CPU install lacks. Where it imports, its count is the truth."""
     try:
         from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
     except Exception as e:  # ImportError, or RuntimeError from a torchvision for another torch

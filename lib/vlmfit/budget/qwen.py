@@ -34,9 +34,6 @@ QWEN_VIDEO_DEFAULTS: dict[str, Any] = {
     "patch_size": 14,
     "merge_size": 2,
     "temporal_patch_size": 2,  # 2 frames share one temporal patch
-    # cap_pixels_per_frame=None behaves as False in 5.23 (with a warning): no total bound.
-    "cap_pixels_per_frame": False,
-    "max_video_tokens": 128000,
 }
 
 
@@ -149,23 +146,15 @@ def video_frame_size(
     height: int,
     n_frames: int,
     budget: Budget | None = None,
-    *,
-    cap_pixels_per_frame: bool | None = None,
 ) -> tuple[int, int]:
-    """(w, h) every frame is resized to by Qwen2VLVideoProcessor (per-frame smart_resize with
-    the VIDEO min/max pixels; with ``cap_pixels_per_frame`` an even share of
-    0.9 * max_video_tokens tokens' worth of pixels per frame, floored at 1.05 * min_pixels)."""
+    """(w, h) every frame is resized to by Qwen2VLVideoProcessor: per-frame smart_resize with
+    the VIDEO min/max pixels (vlmfit passes ``cap_pixels_per_frame=False``: no whole-video
+    pixel cap)."""
     if not spec.family.supports_video:
         raise ValueError(f"{spec.name} ({spec.family.name}) does not take video")
     v = QWEN_VIDEO_DEFAULTS
     factor = v["patch_size"] * v["merge_size"]
     min_px, max_px = qwen_pixel_range(v, budget)
-    cap = v["cap_pixels_per_frame"] if cap_pixels_per_frame is None else cap_pixels_per_frame
-    if cap:
-        total_px = int(v["max_video_tokens"] * factor * factor * 0.9)
-        max_px = max(
-            min(max_px, total_px * v["temporal_patch_size"] // n_frames), int(min_px * 1.05)
-        )
     h, w = smart_resize(height, width, factor, min_pixels=min_px, max_pixels=max_px)
     return w, h
 
@@ -176,8 +165,6 @@ def video_tokens(
     height: int,
     n_frames: int,
     budget: Budget | None = None,
-    *,
-    cap_pixels_per_frame: bool | None = None,
 ) -> int:
     """``<|video_pad|>`` tokens for ``n_frames`` frames (after sampling) of ``width`` x ``height``.
 
@@ -187,9 +174,7 @@ def video_tokens(
     """
     if n_frames < 1:
         raise ValueError(f"n_frames must be >= 1, got {n_frames}")
-    w, h = video_frame_size(
-        spec, width, height, n_frames, budget, cap_pixels_per_frame=cap_pixels_per_frame
-    )
+    w, h = video_frame_size(spec, width, height, n_frames, budget)
     v = QWEN_VIDEO_DEFAULTS
     t = v["temporal_patch_size"]
     grid_t = (n_frames + -n_frames % t) // t
