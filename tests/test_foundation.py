@@ -146,7 +146,7 @@ def test_notebooks_have_one_parseable_parameters_cell(nb, caplog):
     tagged = [c for c in data["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(tagged) == 1
     src = "".join(tagged[0]["source"])
-    names = [ln.split(":")[0] for ln in src.splitlines() if ln and not ln.startswith("#")]
+    names = [re.split("[:=]", ln)[0].strip() for ln in src.splitlines() if ln and ln[0] != "#"]
     with caplog.at_level("WARNING"):
         params = papermill.inspect_notebook(str(nb))
     assert sorted(params) == sorted(names), "papermill could not parse every parameter line"

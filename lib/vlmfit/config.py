@@ -1,13 +1,16 @@
 """Run configuration: one dataclass, field names as in TRL / PEFT / transformers.
 
-A bad configuration fails here, before any model loads (``validate``), with a
-message that says what to change. ``resolve`` records where each value came from
-(default, model profile, override) so the run folder tells the whole story.
+RunConfig is the one source of defaults: notebooks, Make variables and ``vlmfit train``
+pass only what the user set, and ``resolve`` fills the rest (``METHOD_DEFAULTS`` for the
+few that depend on SFT or DPO). A bad configuration fails here, before any model loads
+(``validate``), with a message that says what to change. ``resolve`` records where each
+value came from (default or override) so the run folder tells the whole story.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -18,6 +21,35 @@ class ConfigError(ValueError):
     """A configuration that cannot run, found before any model loads."""
 
 
+class ConfigWarning(UserWarning):
+    """A configuration key under an old name, read under its new one."""
+
+
+class _ByMethod:
+    """The default of a field that depends on ``method``: its value in METHOD_DEFAULTS."""
+
+    def __repr__(self) -> str:
+        return "by method"
+
+
+BY_METHOD: Any = _ByMethod()
+#: The defaults that differ between SFT and DPO (fields whose default is BY_METHOD).
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "sft": {
+        "data": "data/shapes/sft_train.json",
+        "preference_eval_data": None,
+        "learning_rate": 2e-4,
+    },
+    "dpo": {
+        "data": "data/shapes/dpo_train.json",
+        "preference_eval_data": "data/shapes/dpo_test.json",
+        "learning_rate": 5e-5,  # DPO moves a trained policy: a smaller step than SFT's
+    },
+}
+#: Keys of earlier versions -> today's field (runs' config.json, overrides, notebooks).
+RENAMED = {"warmup_ratio": "warmup_steps"}
+
+
 @dataclass
 class RunConfig:
     # What
@@ -25,13 +57,13 @@ class RunConfig:
     weights: str = "hub"  # hub | random (published architecture, random weights) | a local folder
     revision: str | None = None  # hub revision (commit sha) overriding the registry's pin
     method: Literal["sft", "dpo"] = "sft"  # sft | dpo
-    data: str = "data/shapes/sft_train.json"  # any supported format (vlmfit.data.formats)
+    data: str = BY_METHOD  # any supported format (vlmfit.data.formats); the bundled shapes
     eval_data: str | None = "data/shapes/sft_test.json"  # held-out split for generation eval
     dataset_split: str = (
         "train"  # split of DATA read for training (folders, DatasetDicts; a file is read whole)
     )
     eval_split: str = "test"  # split of EVAL_DATA / PREFERENCE_EVAL_DATA when they are folders
-    preference_eval_data: str | None = None  # DPO: held-out pairs for reward accuracy / margins
+    preference_eval_data: str | None = BY_METHOD  # DPO: held-out pairs for reward accuracy
     run: str | None = None  # run id: runs/<run>/ (default: <method>-<model>)
     runs_dir: str = "runs"  # folder of run folders
     init_adapter: str | None = None  # DPO: start from this SFT run's adapter (run id or folder)
@@ -47,13 +79,13 @@ class RunConfig:
     use_rslora: bool = False  # rank-stabilised scaling alpha/sqrt(r)
     init_lora_weights: Literal["default", "gaussian"] = "default"  # default: B = 0
     # Optimisation (transformers.TrainingArguments names)
-    learning_rate: float = 2e-4  # peak learning rate (cosine schedule after warm-up)
+    learning_rate: float = BY_METHOD  # peak learning rate (cosine schedule after warm-up)
     projector_learning_rate: float | None = None  # separate LR for embeddings / projector
     num_train_epochs: float = 1.0  # passes over the training data (when max_steps is -1)
     max_steps: int = -1  # optimizer steps (-1: num_train_epochs passes)
     per_device_train_batch_size: int = 4  # micro-batch; memory grows with it
     gradient_accumulation_steps: int = 1  # effective batch = micro-batch x this, no extra memory
-    warmup_ratio: float = 0.05  # share of the steps spent warming the learning rate up
+    warmup_steps: float = 0.05  # learning-rate warm-up: < 1 a share of the steps, else steps
     lr_scheduler_type: str = "cosine"  # transformers scheduler name: cosine, linear, constant...
     weight_decay: float = 0.0  # AdamW weight decay
     max_grad_norm: float = 1.0  # gradient clipping norm
@@ -62,7 +94,8 @@ class RunConfig:
     vision_no_grad: bool = True  # frozen vision tower without autograd: exact, less memory, faster
     qlora_vision_4bit: bool = True  # QLoRA: frozen vision tower in 4-bit (-1 GiB on 7B)
     qlora_upcast: bool = False  # True: PEFT's kbit prep: fp32 unquantized weights (more GiB)
-    activation_offloading: bool | None = None  # pinned CPU: 7B -1.1 GiB, -32% speed; None: to fit
+    activation_offloading: bool | None = None  # layer inputs in pinned CPU; None: only to fit
+    host_embeddings: bool | None = None  # frozen input embeddings on CPU (7B -1 GiB); None: as ^
     attn_implementation: str = "sdpa"  # sdpa | eager | flex_attention | flash_attention_2
     vision_attention: Literal["varlen", "sdpa"] = "varlen"  # Qwen: all windows in 1 kernel, not 81
     vision_chunk: int = (
@@ -95,6 +128,17 @@ class RunConfig:
     eval_batch_size: int = 16  # held-out samples per generation batch
     dataloader_num_workers: int | None = None  # None: auto (CUDA: cores - 2, up to 16; CPU: 0)
 
+    def __post_init__(self) -> None:
+        by_method = METHOD_DEFAULTS.get(self.method, METHOD_DEFAULTS["sft"])
+        for name, value in by_method.items():
+            if getattr(self, name) is BY_METHOD:
+                setattr(self, name, value)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        """A RunConfig from a saved ``to_dict`` (a run's config.json), old key names mapped."""
+        return cls(**upgrade(values))
+
     @property
     def run_id(self) -> str:
         return self.run or f"{self.method}-{self.model}"
@@ -117,6 +161,13 @@ def _coerce(name: str, value: Any) -> Any:
         return value
     kind = _TYPES[name]  # the annotation, e.g. "int | None"
     low = value.strip().lower()
+    if kind.startswith("dict"):
+        import ast
+
+        try:
+            return dict(ast.literal_eval(value))
+        except (ValueError, SyntaxError, TypeError):
+            raise ConfigError(f"{name}: expected a dict like {{'key': 1}}, got {value!r}") from None
     if low in {"none", "null", ""} and "None" in kind:
         return None
     if kind.startswith("bool"):
@@ -135,15 +186,39 @@ def _coerce(name: str, value: Any) -> Any:
     return value
 
 
+def default(name: str, method: str = "sft") -> Any:
+    """RunConfig's default of field ``name`` for ``method``."""
+    return getattr(RunConfig(method=method), name)  # type: ignore[arg-type]
+
+
+def upgrade(values: dict[str, Any]) -> dict[str, Any]:
+    """Keys under an earlier name (RENAMED) under today's, with a warning saying so."""
+    out = dict(values)
+    for old, new in RENAMED.items():
+        if old not in out:
+            continue
+        if new in out:
+            raise ConfigError(f"{old} and {new} are one setting ({old} is {new}'s old name)")
+        out[new] = out.pop(old)
+        warnings.warn(
+            f"{old} is now {new} (the transformers name; a value < 1 is a share of the "
+            f"steps): read as {new}={out[new]}",
+            ConfigWarning,
+            stacklevel=3,
+        )
+    return out
+
+
 def resolve(overrides: dict[str, Any] | None = None) -> tuple[RunConfig, dict[str, str]]:
-    """Build a RunConfig from overrides; returns it and each field's origin."""
-    overrides = dict(overrides or {})
+    """Build a RunConfig from overrides (only what the user set; None values count as
+    set); returns it and each field's origin."""
+    overrides = upgrade(overrides or {})
     unknown = sorted(set(overrides) - FIELDS)
     if unknown:
         raise ConfigError(f"unknown configuration key(s): {', '.join(unknown)}")
     values = {k: _coerce(k, v) for k, v in overrides.items()}
     cfg = RunConfig(**values)
-    defaults = RunConfig()
+    defaults = RunConfig(method=cfg.method)
     origin = {
         k: ("override" if k in values and values[k] != getattr(defaults, k) else "default")
         for k in FIELDS

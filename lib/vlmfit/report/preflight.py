@@ -48,9 +48,10 @@ def did_you_mean(name: str, choices: list[str] | set[str]) -> str:
 
 
 def _config_fields() -> set[str]:
-    from vlmfit.config import FIELDS
+    """RunConfig's fields and the old names it still reads (config.RENAMED)."""
+    from vlmfit.config import FIELDS, RENAMED
 
-    return set(FIELDS)
+    return set(FIELDS) | set(RENAMED)
 
 
 def check_parameters(path: str | Path, params: dict[str, Any]) -> dict[str, Any]:
@@ -170,7 +171,11 @@ def run_id_of(notebook: Path, params: dict[str, Any]) -> str | None:
     known = notebook_parameters(notebook)
     if "run" not in known:
         return None
-    model = params.get("model", known.get("model", {}).get("default", "").strip("\"'"))
+    model = params.get("model") or parse_value(str(known.get("model", {}).get("default")))
+    if model is None:  # the notebook leaves it to RunConfig
+        from vlmfit.config import RunConfig
+
+        model = RunConfig.model
     return params.get("run") or f"{notebook.stem}-{model}"
 
 

@@ -1,4 +1,4 @@
-"""Merge a run's LoRA adapter into its base model (``vlmfit train --merge RUN``)."""
+"""Merge a run's LoRA adapter into its base model (``vlmfit merge RUN``)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def merge_adapter(run: str | Path, out: str | Path, runs_dir: str = "runs") -> P
     from vlmfit.models import load_model
 
     rdir = Path(run) if Path(run).exists() else runs.run_dir(runs_dir, str(run))
-    cfg = RunConfig(**runs.read_json(rdir / "config.json")["config"])
+    cfg = RunConfig.from_dict(runs.read_json(rdir / "config.json")["config"])  # old runs too
     full_init, _ = init_source(cfg)
     model, processor = load_model(cfg.spec, weights=cfg.weights, path=full_init)
     merged = PeftModel.from_pretrained(model, rdir / "adapter").merge_and_unload()
