@@ -13,25 +13,27 @@ MAKEFLAGS += --no-print-directory
 
 # ---- the dials (`make help` prints them with their values) ----------------------
 # A dial is `NAME ?= default#  meaning` (no space before `#`: make keeps it in the value).
-MODEL ?= smolvlm#               registry name (python -m vlmfit tokens --help lists them)
-WEIGHTS ?= hub#                 hub | random (published architecture, random weights) | a model folder
+# Empty: the setting is left to vlmfit.config.RunConfig, the one source of defaults
+# (`vlmfit train --help` lists them; `vlmfit config --get FIELD` prints one).
+MODEL ?=#                       registry name (vlmfit tokens --help lists them; empty: RunConfig's)
+WEIGHTS ?=#                     hub | random (published architecture, random weights) | a model folder
 REVISION ?=#                    hub revision (branch, tag or commit) for sft/dpo; empty: the registry's (main)
-DATA ?= data/shapes/sft_train.json#  training data, any supported format (file or folder)
-SPLIT ?= train#                 dataset split of DATA / DPO_DATA when a folder or DatasetDict (all: every one)
-FINETUNE ?= lora#               lora | qlora (4-bit NF4, CUDA) | full | projector
-MAX_IMAGE_TOKENS ?= 0#          visual-token budget per image (0: the processor default)
-MAX_STEPS ?= -1#                optimizer steps (-1: EPOCHS passes over DATA)
-EPOCHS ?= 1#                    passes over DATA when MAX_STEPS is -1
+DATA ?=#                        training data, any supported format (file or folder; empty: the bundled one)
+SPLIT ?=#                       dataset split of DATA / DPO_DATA when a folder or DatasetDict (all: every one)
+FINETUNE ?=#                    lora | qlora (4-bit NF4, CUDA) | full | projector
+MAX_IMAGE_TOKENS ?=#            visual-token budget per image (empty or 0: the processor default)
+MAX_STEPS ?=#                   optimizer steps (-1: EPOCHS passes over DATA)
+EPOCHS ?=#                      passes over DATA when MAX_STEPS is -1
 RUN ?=#                         SFT run id, runs/RUN/ (empty: sft-MODEL; DPO's: RUN-dpo or dpo-MODEL)
-RESUME ?= 0#                    1: continue RUN from its last checkpoint
+RESUME ?=#                      1: continue RUN from its last checkpoint
 OVERWRITE ?= 0#                 1: replace RUN when it already holds a run (else training refuses)
 DPO ?= 0#                       1: `make train` also runs DPO from the SFT adapter
 PARAMS ?=#                      other sft/dpo parameters or RunConfig fields: "lora_r=8 learning_rate=1e-4"
 NPROC ?= 1#                     processes (GPUs) on this machine; >1: sft/dpo run `vlmfit train` under accelerate launch
 DIST ?= ddp#                    with NPROC>1: ddp | fsdp2 | zero3 (accelerate/DIST.yaml; zero3 needs pip install deepspeed)
-EVAL_DATA ?= data/shapes/sft_test.json#  held-out split for exact match
-DPO_DATA ?= data/shapes/dpo_train.json#  preference data for `make dpo`
-PREF_EVAL_DATA ?= data/shapes/dpo_test.json#  held-out preference pairs (reward accuracy)
+EVAL_DATA ?=#                   held-out split for exact match (none: no evaluation)
+DPO_DATA ?=#                    preference data for `make dpo`
+PREF_EVAL_DATA ?=#              held-out preference pairs, reward accuracy (none: none)
 REPORTS ?= reports#             where HTML reports go
 GPU_GIB ?=#                     GPU memory for `make plan` (empty: this machine's CUDA device)
 LAB_IP ?= $(if $(filter 1,$(VLMFIT_IN_CONTAINER)),0.0.0.0,127.0.0.1)#  JupyterLab interface (container: 0.0.0.0, published on the host's loopback)
@@ -64,41 +66,47 @@ PIP_SRC := $(if $(WHEELS),--no-index --find-links $(WHEELS),)
 # from a local CPU build when pip has one (find-links), else PyPI's.
 TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
 
+# The model named in run and report ids: MODEL, else RunConfig's (asked once, when needed).
+MODEL_NAME = $(or $(MODEL),$(eval MODEL_NAME := $(shell $(PY) -m vlmfit config --get model))$(MODEL_NAME))
 # DPO trains an adapter (reference = adapter disabled): QLoRA after a QLoRA SFT, else LoRA.
 DPO_FINETUNE = $(if $(filter qlora,$(FINETUNE)),qlora,lora)
 # Run ids: RUN names the SFT run (DPO's is RUN-dpo); by default sft-MODEL and dpo-MODEL.
-SFT_RUN = $(if $(RUN),$(RUN),sft-$(MODEL))
-DPO_RUN = $(if $(RUN),$(RUN)-dpo,dpo-$(MODEL))
+SFT_RUN = $(if $(RUN),$(RUN),sft-$(MODEL_NAME))
+DPO_RUN = $(if $(RUN),$(RUN)-dpo,dpo-$(MODEL_NAME))
+# A setting only when its dial is set (none: explicitly nothing); else RunConfig's default.
+p = $(if $(2),-p $(1) $(if $(filter none,$(2)),'',$(2)),)
+f = $(if $(2),--$(1) $(2),)
 param_args = $(foreach p,$(PARAMS),-p $(firstword $(subst =, ,$(p))) $(patsubst $(firstword $(subst =, ,$(p)))=%,%,$(p)))
 # Single-quoted for the shell.
 shq = '$(subst ','\'',$(1))'
 NB_FLAGS = --reports $(REPORTS) $(if $(filter 1,$(OVERWRITE)),--overwrite,)
-PRE_ARGS = -p data $(DATA) -p split $(SPLIT) -p model $(MODEL) -p weights $(WEIGHTS) -p max_image_tokens $(MAX_IMAGE_TOKENS)
-SFT_ARGS = -p model $(MODEL) -p weights $(WEIGHTS) -p data $(DATA) -p dataset_split $(SPLIT) -p eval_data $(EVAL_DATA) \
-  -p run $(SFT_RUN) -p finetune $(FINETUNE) -p max_steps $(MAX_STEPS) \
-  -p num_train_epochs $(EPOCHS) -p resume $(RESUME) -p max_image_tokens $(MAX_IMAGE_TOKENS) \
-  $(if $(REVISION),-p revision $(REVISION),) $(param_args)
-DPO_ARGS = -p model $(MODEL) -p weights $(WEIGHTS) -p data $(DPO_DATA) -p dataset_split $(SPLIT) -p eval_data $(EVAL_DATA) \
-  -p preference_eval_data $(PREF_EVAL_DATA) -p run $(DPO_RUN) \
-  -p init_adapter $(if $(INIT),$(INIT),$(SFT_RUN)) -p finetune $(DPO_FINETUNE) \
-  -p max_steps $(MAX_STEPS) -p resume $(RESUME) $(if $(REVISION),-p revision $(REVISION),) $(param_args)
+BUDGET = $(filter-out 0,$(MAX_IMAGE_TOKENS))
+PRE_ARGS = -p model $(MODEL_NAME) $(call p,data,$(DATA)) $(call p,split,$(SPLIT)) \
+  $(call p,weights,$(WEIGHTS)) $(call p,max_image_tokens,$(BUDGET))
+TRAIN_ARGS = -p model $(MODEL_NAME) $(call p,weights,$(WEIGHTS)) $(call p,dataset_split,$(SPLIT)) \
+  $(call p,eval_data,$(EVAL_DATA)) $(call p,max_steps,$(MAX_STEPS)) $(call p,resume,$(RESUME)) \
+  $(call p,max_image_tokens,$(BUDGET)) $(call p,revision,$(REVISION))
+SFT_ARGS = $(TRAIN_ARGS) -p run $(SFT_RUN) $(call p,data,$(DATA)) $(call p,finetune,$(FINETUNE)) \
+  $(call p,num_train_epochs,$(EPOCHS)) $(param_args)
+DPO_ARGS = $(TRAIN_ARGS) -p run $(DPO_RUN) $(call p,data,$(DPO_DATA)) \
+  $(call p,preference_eval_data,$(PREF_EVAL_DATA)) -p init_adapter $(or $(INIT),$(SFT_RUN)) \
+  -p finetune $(DPO_FINETUNE) $(param_args)
 
 # NPROC > 1: the same runs through the CLI (a notebook is one process) on every rank,
 # launched by accelerate with accelerate/$(DIST).yaml; the run folder as with one process,
 # no notebook report (docs/distributed.md).
-LAUNCH = $(PY) -m vlmfit.train.distributed --nproc $(NPROC) --dist $(DIST) \
+LAUNCH = $(PY) -m vlmfit launch --nproc $(NPROC) --dist $(DIST) \
   $(if $(filter-out 1,$(NNODES)),--nnodes $(NNODES) --node-rank $(NODE_RANK) \
   --main-address $(MAIN_ADDR) --main-port $(MAIN_PORT),) $(if $(filter 1,$(OVERWRITE)),--overwrite,) --
 param_flags = $(foreach p,$(PARAMS),--$(firstword $(subst =, ,$(p))) $(patsubst $(firstword $(subst =, ,$(p)))=%,%,$(p)))
-SFT_FLAGS = --method sft --model $(MODEL) --weights $(WEIGHTS) --data $(DATA) --dataset-split $(SPLIT) \
-  --eval-data $(or $(EVAL_DATA),none) --run $(SFT_RUN) --finetune $(FINETUNE) \
-  --max-steps $(MAX_STEPS) --num-train-epochs $(EPOCHS) --resume $(RESUME) \
-  $(if $(filter-out 0,$(MAX_IMAGE_TOKENS)),--max-image-tokens $(MAX_IMAGE_TOKENS),) \
-  $(if $(REVISION),--revision $(REVISION),) $(param_flags)
-DPO_FLAGS = --method dpo --model $(MODEL) --weights $(WEIGHTS) --data $(DPO_DATA) --dataset-split $(SPLIT) \
-  --eval-data $(or $(EVAL_DATA),none) --preference-eval-data $(or $(PREF_EVAL_DATA),none) \
-  --run $(DPO_RUN) --init-adapter $(if $(INIT),$(INIT),$(SFT_RUN)) --finetune $(DPO_FINETUNE) \
-  --max-steps $(MAX_STEPS) --resume $(RESUME) $(if $(REVISION),--revision $(REVISION),) $(param_flags)
+TRAIN_FLAGS = --model $(MODEL_NAME) $(call f,weights,$(WEIGHTS)) $(call f,dataset-split,$(SPLIT)) \
+  $(call f,eval-data,$(EVAL_DATA)) $(call f,max-steps,$(MAX_STEPS)) $(call f,resume,$(RESUME)) \
+  $(call f,max-image-tokens,$(BUDGET)) $(call f,revision,$(REVISION))
+SFT_FLAGS = --method sft $(TRAIN_FLAGS) --run $(SFT_RUN) $(call f,data,$(DATA)) \
+  $(call f,finetune,$(FINETUNE)) $(call f,num-train-epochs,$(EPOCHS)) $(param_flags)
+DPO_FLAGS = --method dpo $(TRAIN_FLAGS) --run $(DPO_RUN) $(call f,data,$(DPO_DATA)) \
+  $(call f,preference-eval-data,$(PREF_EVAL_DATA)) --init-adapter $(or $(INIT),$(SFT_RUN)) \
+  --finetune $(DPO_FINETUNE) $(param_flags)
 
 .PHONY: help setup env lock wheelhouse data demo preprocess profile plan sft dpo train train-check \
         bench lab test test-fast test-slow test-gpu test-browser lint format image \
@@ -114,7 +122,7 @@ help: ## List every target and dial, with the values this call would use (this p
 	@echo "Targets:"
 	@$(foreach v,$(DIALS) $(MORE_DIALS),$(v)=$(call shq,$($(v)))) awk 'BEGIN {FS = ":.*## "} \
 	  /^[a-zA-Z_-]+:.*## / { d = $$2; while (match(d, /\$$\([A-Z_]+\)/)) { \
-	    n = substr(d, RSTART + 2, RLENGTH - 3); d = substr(d, 1, RSTART - 1) ENVIRON[n] substr(d, RSTART + RLENGTH) } \
+	    n = substr(d, RSTART + 2, RLENGTH - 3); v = ENVIRON[n]; d = substr(d, 1, RSTART - 1) (v == "" ? n : v) substr(d, RSTART + RLENGTH) } \
 	    printf "  \033[36m%-15s\033[0m %s\n", $$1, d }' $(MAKEFILE_LIST)
 
 .venv/.ready: $(LOCK) pyproject.toml
@@ -150,15 +158,15 @@ wheelhouse: ## Download every locked wheel for PYTHON_VERSION (offline GPU hosts
 data: env ## Generate the bundled shapes dataset into data/shapes (deterministic)
 	$(PY) -m vlmfit data --out data/shapes
 
-preprocess: env data ## Validate DATA ($(DATA)), put images on $(MODEL)'s visual-token budget, data report
-	@$(NB) notebooks/preprocess.ipynb --name preprocess-$(MODEL) $(NB_FLAGS) $(PRE_ARGS)
+preprocess: env data ## Validate DATA, put images on $(MODEL)'s visual-token budget, data report
+	@$(NB) notebooks/preprocess.ipynb --name preprocess-$(MODEL_NAME) $(NB_FLAGS) $(PRE_ARGS)
 
 profile: env data ## Measure memory and speed of $(MODEL)'s training step (memory ladder report)
-	@$(NB) notebooks/profile.ipynb --name profile-$(MODEL) $(NB_FLAGS) \
-	  -p model $(MODEL) -p weights $(WEIGHTS) -p finetune $(FINETUNE)
+	@$(NB) notebooks/profile.ipynb --name profile-$(MODEL_NAME) $(NB_FLAGS) \
+	  -p model $(MODEL_NAME) $(call p,weights,$(WEIGHTS)) $(call p,finetune,$(FINETUNE))
 
 plan: env ## Predict peak memory for $(MODEL) and pick a config that fits the GPU
-	@$(PY) -m vlmfit plan --model $(MODEL) $(if $(GPU_GIB),--gpu-gib $(GPU_GIB),)
+	@$(PY) -m vlmfit plan --model $(MODEL_NAME) $(if $(GPU_GIB),--gpu-gib $(GPU_GIB),)
 
 sft: env data ## Supervised fine-tuning (TRL SFTTrainer) of $(MODEL), $(FINETUNE), on DATA; runs/RUN, report (NPROC>1: accelerate)
 ifeq ($(NPROC),1)
@@ -187,13 +195,13 @@ train: train-check ## Preprocess + SFT + evaluation (+ DPO with DPO=1) for $(MOD
 	@$(PY) -m vlmfit index --reports $(REPORTS)
 
 demo: env ## The whole pipeline offline on CPU: bundled data, tiny model, SFT, DPO, reports (~5 min, 2 cores)
-	@$(PY) scripts/demo.py --reports $(REPORTS)
+	@$(PY) -m vlmfit demo --reports $(REPORTS)
 
 index: env ## Rebuild reports/index.html linking every report and run
 	$(PY) -m vlmfit index --reports $(REPORTS)
 
 merge: env ## Merge RUN's LoRA adapter into its base model (runs/RUN/merged)
-	@$(PY) -m vlmfit train --merge $(SFT_RUN)
+	@$(PY) -m vlmfit merge $(SFT_RUN)
 
 BENCH_SUITE ?= all#             benchmarks/fastpath.py suite: smolvlm | qwen7b | qwen7b-qlora | ladder | packing | all
 

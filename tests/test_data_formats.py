@@ -20,9 +20,10 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from vlmfit.cli.data import cli_check
 from vlmfit.data.formats import load_records
 from vlmfit.data.records import Record
-from vlmfit.data.validate import check_dataset, cli_check
+from vlmfit.data.validate import check_dataset
 
 IMG = {"type": "image"}
 

@@ -125,10 +125,12 @@ def test_preprocess_split_keeps_test_rows_out(tmp_path: Path) -> None:
 def test_preprocess_cli_dataset_split_and_image_splitting_flags(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from vlmfit.preprocess import _parser, cli_preprocess
+    from vlmfit.cli.budget import budget_from_args
+    from vlmfit.cli.preprocess import cli_preprocess
+    from vlmfit.cli.preprocess import parser as _parser
 
     args = _parser().parse_args(["d", "--model", "tiny-smolvlm", "--no-image-splitting"])
-    assert args.split == "train" and B.budget_from_args(args).do_image_splitting is False
+    assert args.split == "train" and budget_from_args(args).do_image_splitting is False
     assert B.Budget(do_image_splitting=True).describe() == "--image-splitting"
     root = folder(
         tmp_path / "d", {"sft_train.json": [sft("a")], "sft_test.json": [sft("b"), sft("c")]}

@@ -208,7 +208,7 @@ def _qwen_refuses(size: tuple[int, int]) -> str:
 def test_processor_refusal_is_a_per_record_problem_in_check(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from vlmfit.data.validate import cli_check
+    from vlmfit.cli.data import cli_check
 
     img(tmp_path / "ok.png", (40, 30))
     img(tmp_path / "strip.png", (1, 300))  # aspect ratio 300 > 200
@@ -236,7 +236,7 @@ def test_processor_refusal_is_a_per_record_problem_in_check(
 def test_processor_refusal_in_preprocess_and_tokens(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from vlmfit.budget import cli_tokens
+    from vlmfit.cli.budget import cli_tokens
     from vlmfit.preprocess import preprocess
 
     img(tmp_path / "ok.png", (40, 30))

@@ -34,7 +34,7 @@ def test_demo_learns_and_writes_linked_offline_reports(tmp_path, tiny_cache):
     (tmp_path / "notebooks").symlink_to(ROOT / "notebooks")
     status_before = _git_status()
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "demo.py"), "--reports", "reports"],
+        [sys.executable, "-m", "vlmfit", "demo", "--reports", "reports"],
         cwd=tmp_path,
         capture_output=True,
         text=True,

@@ -2,8 +2,8 @@
 
 pytest -q tests/test_distributed.py
 
-The run goes through the same launcher and config as ``make sft NPROC=2`` (``python -m
-vlmfit.train.distributed`` -> ``accelerate launch --config_file accelerate/ddp.yaml`` -> ``python
+The run goes through the same launcher and config as ``make sft NPROC=2`` (``vlmfit
+launch`` -> ``accelerate launch --config_file accelerate/ddp.yaml`` -> ``python
 -m vlmfit train`` on each rank), on the tiny offline model, in about 25 s on 2 cores.
 FSDP2 and ZeRO-3 need CUDA GPUs: here only their configs and the launcher's refusals run.
 """
@@ -33,7 +33,7 @@ STEPS, BATCH, SAMPLES = 8, 2, 32  # 8 steps x 2 per rank x 2 ranks = one pass ov
 def _launch(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, VLMFIT_DEBUG="1", OMP_NUM_THREADS="1")
     return subprocess.run(
-        [sys.executable, "-m", "vlmfit.train.distributed", *args],
+        [sys.executable, "-m", "vlmfit", "launch", *args],
         cwd=cwd,  # the preprocessing cache (data/cache) goes under the test's folder
         env=env,
         capture_output=True,
@@ -279,9 +279,9 @@ def _make_n(*args: str) -> str:
 
 def test_make_sft_with_nproc_launches_the_cli_and_nproc_1_runs_the_notebook():
     one = _make_n("sft", "MODEL=tiny-smolvlm")
-    assert "notebooks/sft.ipynb" in one and "vlmfit.train.distributed" not in one
+    assert "notebooks/sft.ipynb" in one and "vlmfit launch" not in one
     two = _make_n("sft", "MODEL=tiny-smolvlm", "NPROC=2", "DIST=fsdp2", "FINETUNE=full")
-    assert "-m vlmfit.train.distributed --nproc 2 --dist fsdp2" in two
+    assert "-m vlmfit launch --nproc 2 --dist fsdp2" in two
     assert "notebooks/sft.ipynb" not in two
     assert "--method sft" in two and "--finetune full" in two and "--model tiny-smolvlm" in two
     dpo = _make_n("dpo", "MODEL=tiny-smolvlm", "NPROC=2")
@@ -291,9 +291,10 @@ def test_make_sft_with_nproc_launches_the_cli_and_nproc_1_runs_the_notebook():
 @pytest.mark.gpu
 def test_qlora_is_refused_with_sharding_engines_and_kept_for_ddp(tmp_path):
     args = ["--model", "tiny-smolvlm", "--finetune", "qlora", "--runs-dir", str(tmp_path)]
+    overrides = {"model": "tiny-smolvlm", "finetune": "qlora", "runs_dir": str(tmp_path)}
     with pytest.raises(distributed.LaunchError, match="QLoRA runs under DIST=ddp"):
-        distributed.prepare(args, overwrite=False, dist="fsdp2")
-    assert distributed.prepare(args, overwrite=False, dist="ddp")[-1] == "--overwrite"
+        distributed.prepare(overrides, args, overwrite=False, dist="fsdp2")
+    assert distributed.prepare(overrides, args, overwrite=False, dist="ddp")[-1] == "--overwrite"
 
 
 # ------------------------------------------------- two GPUs (make test-gpu on a 2-GPU host)

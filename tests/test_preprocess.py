@@ -417,14 +417,16 @@ def test_idefics3_rejects_video(tmp_path: Path, pp) -> None:
 
 
 def test_cli_and_report_helpers(tmp_path: Path, pp, capsys) -> None:
+    from vlmfit.cli.preprocess import cli_preprocess
+
     data = write_dataset(tmp_path / "d", [[(64, 64)], [(640, 480)]])
     argv = [str(data), "--model", "tiny-qwen2-vl", "--cache-dir", str(tmp_path / "c")]
-    assert pp.cli_preprocess([*argv, "--max-image-tokens", "2", "--workers", "1"]) == 0
+    assert cli_preprocess([*argv, "--max-image-tokens", "2", "--workers", "1"]) == 0
     out = capsys.readouterr().out
     assert "records: " in out and "records.jsonl" in out
-    assert pp.cli_preprocess([*argv, "--max-length", "5", "--no-progress"]) == 1  # all dropped
+    assert cli_preprocess([*argv, "--max-length", "5", "--no-progress"]) == 1  # all dropped
     (data.parent / "img/0_0.png").write_bytes(b"")
-    assert pp.cli_preprocess(argv) == 1
+    assert cli_preprocess(argv) == 1
     assert "data.json:0: empty image" in capsys.readouterr().out
     rows = pp.pitfall_table("tiny-smolvlm", Budget(max_image_tokens=9))
     qwen = next(r for r in rows if r["model"] == "qwen2-vl-2b" and r["width"] == 1000)

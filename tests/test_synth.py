@@ -338,13 +338,15 @@ def test_subset_of_types_and_image_size(tmp_path: Path) -> None:
 
 
 def test_main(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from vlmfit.cli.data import cli_data
+
     argv = ["--out", str(tmp_path / "cli"), "--seed", "1", "--n-train", "24", "--n-test", "12"]
     argv += ["--n-dpo-train", "12", "--n-dpo-test", "12"]
-    assert synth.main(argv) == 0
+    assert cli_data(argv) == 0
     assert capsys.readouterr().out.startswith("created: ")
-    assert synth.main(argv) == 0
+    assert cli_data(argv) == 0
     assert capsys.readouterr().out.startswith("exists: ")
-    assert synth.main([*argv, "--force"]) == 0
+    assert cli_data([*argv, "--force"]) == 0
     assert capsys.readouterr().out.startswith("created: ")
-    assert synth.main([*argv[:2], "--n-test", "13"]) == 2
+    assert cli_data([*argv[:2], "--n-test", "13"]) == 2
     assert "error:" in capsys.readouterr().err

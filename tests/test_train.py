@@ -295,7 +295,7 @@ def test_cli_train_reports_configuration_errors(capsys):
     from vlmfit.cli import main
 
     assert main(["train", "--model", "nope"]) == 2
-    assert "unknown model" in capsys.readouterr().out
+    assert "unknown model" in capsys.readouterr().err
 
 
 def test_training_is_deterministic_under_a_seed(shapes, tiny_cache, tmp_path):

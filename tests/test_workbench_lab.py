@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from vlmfit import cli
+from vlmfit.cli.lab import lab_command
 
 ROOT = Path(__file__).resolve().parents[1]
 IN_CONTAINER = os.environ.get("VLMFIT_IN_CONTAINER") == "1"
@@ -95,8 +95,8 @@ def test_make_lab_starts_with_a_token_and_prints_its_url(tmp_path):
 
 
 def test_lab_command_allows_root_only_for_root():
-    assert "--allow-root" in cli.lab_command("127.0.0.1", 8888, root=True)
-    cmd = cli.lab_command("127.0.0.1", 8888, root=False)
+    assert "--allow-root" in lab_command("127.0.0.1", 8888, root=True)
+    cmd = lab_command("127.0.0.1", 8888, root=False)
     assert "--allow-root" not in cmd
     assert "--ServerApp.allow_remote_access=False" in cmd and "--ServerApp.port_retries=0" in cmd
     assert not any("token" in a.lower() for a in cmd), "the token is not in argv (ps shows it)"

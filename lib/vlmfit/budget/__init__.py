@@ -3,7 +3,7 @@
 Per family (``qwen``, ``idefics3``): the image processor's own counts, a fix where they
 differ from processing, and the inverse, budget to processor settings (checked against
 the real processors in ``tests/test_budget.py``); the user's :class:`Budget` and its
-resize targets (``cost``), and ``python -m vlmfit tokens`` (``cli``)::
+resize targets (``cost``). The command ``vlmfit tokens`` is :mod:`vlmfit.cli.budget`::
 
     >>> from vlmfit.models import registry
     >>> from vlmfit.budget import Budget, image_tokens
@@ -11,7 +11,6 @@ resize targets (``cost``), and ``python -m vlmfit tokens`` (``cli``)::
     256
 """
 
-from vlmfit.budget.cli import add_budget_arguments, budget_from_args, cli_tokens
 from vlmfit.budget.cost import (
     Budget,
     budget_size,
@@ -38,10 +37,7 @@ __all__ = [
     "QWEN_MAX_ASPECT_RATIO",
     "QWEN_VIDEO_DEFAULTS",
     "Budget",
-    "add_budget_arguments",
-    "budget_from_args",
     "budget_size",
-    "cli_tokens",
     "cost_table",
     "idefics3_layout",
     "image_sequence_tokens",

@@ -33,18 +33,16 @@ Generation is deterministic (same seed: byte-identical JSON and PNGs), atomic (b
 temporary folder next to the target, then renamed) and idempotent (an existing folder whose
 ``meta.json`` records the same parameters is left alone). Run it with::
 
-    python -m vlmfit.data.synth [--out data/shapes] [--seed 0] [--force]
+    vlmfit data [--out data/shapes] [--seed 0] [--force]
 
 or from Python: ``vlmfit.data.synth.generate("data/shapes", seed=0)``.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import random
-import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -65,7 +63,6 @@ __all__ = [
     "QUESTION_TYPES",
     "SPLITS",
     "generate",
-    "main",
     "question_type",
     "render",
     "sample_spec",
@@ -435,48 +432,3 @@ def generate(
         "path": str(out),
         "seconds": round(time.perf_counter() - started, 3),
     }
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line entry: ``python -m vlmfit.data.synth [--out DIR] [--seed N] [--force]``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m vlmfit.data.synth",
-        description="Generate the shapes VQA dataset (SFT and DPO, train and test).",
-    )
-    parser.add_argument("--out", default="data/shapes", help="output folder (data/shapes)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (0)")
-    parser.add_argument("--image-size", type=int, default=64, help="image side in pixels (64)")
-    parser.add_argument("--n-train", type=int, default=2400, help="SFT train samples (2400)")
-    parser.add_argument("--n-test", type=int, default=120, help="SFT test samples (120)")
-    parser.add_argument("--n-dpo-train", type=int, default=200, help="DPO train samples (200)")
-    parser.add_argument("--n-dpo-test", type=int, default=120, help="DPO test samples (120)")
-    parser.add_argument(
-        "--types",
-        default=",".join(QUESTION_TYPES),
-        help=f"comma-separated question types ({','.join(QUESTION_TYPES)})",
-    )
-    parser.add_argument("--force", action="store_true", help="regenerate even if up to date")
-    args = parser.parse_args(argv)
-    try:
-        meta = generate(
-            args.out,
-            seed=args.seed,
-            image_size=args.image_size,
-            n_train=args.n_train,
-            n_test=args.n_test,
-            n_dpo_train=args.n_dpo_train,
-            n_dpo_test=args.n_dpo_test,
-            question_types=[t.strip() for t in args.types.split(",") if t.strip()],
-            force=args.force,
-        )
-    except (ValueError, FileExistsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    totals = ", ".join(f"{s} {v['total']}" for s, v in meta["counts"].items())
-    took = f" in {meta['seconds']:.2f}s" if "seconds" in meta else ""
-    print(f"{meta['status']}: {meta['path']} (seed {meta['seed']}: {totals}){took}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

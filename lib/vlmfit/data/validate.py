@@ -27,7 +27,6 @@ takes no video). Token lengths need a tokenizer and are checked by preprocessing
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 from collections import Counter
@@ -37,11 +36,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from vlmfit.data import media
-from vlmfit.data.formats import FORMATS, load_records
+from vlmfit.data.formats import load_records
 from vlmfit.data.records import DataError, MediaRef, Problem, Record, count_parts, message_text
 from vlmfit.models.registry import ModelSpec
 
-__all__ = ["Report", "check_dataset", "cli_check", "reason_kind", "validate_records"]
+__all__ = ["Report", "check_dataset", "reason_kind", "validate_records"]
 
 DEFAULT_MAX_PIXELS = media.DEFAULT_MAX_PIXELS
 # What processors write around or in place of media (Qwen2-VL / Qwen2.5-VL, Idefics3 /
@@ -382,103 +381,3 @@ def check_dataset(
         video_sizes=sizes("video"),
         skipped_files=loaded.skipped,
     )
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="vlmfit check",
-        description="Validate a dataset: exit 0 with a summary, or 1 listing every problem "
-        "as FILE:RECORD: reason.",
-    )
-    p.add_argument("data", help="a .json/.jsonl/.parquet/.arrow file or a dataset folder")
-    p.add_argument("--model", help="registry model: also show visual tokens per image")
-    p.add_argument("--format", choices=FORMATS, help="force a format (default: detect)")
-    p.add_argument(
-        "--split", default="train", help="dataset split to read (default train; 'all': every one)"
-    )
-    p.add_argument("--dataset", help="a dataset named in DATA/dataset_info.json (LLaMA-Factory)")
-    p.add_argument("--skip-bad", action="store_true", help="skip bad records (exit 0)")
-    p.add_argument("--no-media", action="store_true", help="do not open images / videos")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="largest image (w*h)")
-    return p
-
-
-def _range(sizes: list[tuple[int, int]]) -> str:
-    if not sizes:
-        return ""
-    lo = min(sizes, key=lambda s: (s[0] * s[1], s))
-    hi = max(sizes, key=lambda s: (s[0] * s[1], s))
-    return f", {lo[0]}x{lo[1]} .. {hi[0]}x{hi[1]}"
-
-
-def _token_line(model: str, sizes: list[tuple[int, int]]) -> str:
-    """Visual tokens of the good records' images (their processor accepted every one)."""
-    from vlmfit.budget import image_tokens
-    from vlmfit.models import registry
-
-    spec = registry.get(model)
-    if not sizes:
-        return f"visual tokens per image ({model}): no image sizes (no images, or --no-media)"
-    tokens = [image_tokens(spec, w, h) for w, h in sizes]
-    return (
-        f"visual tokens per image ({model}): min {min(tokens)}, max {max(tokens)}, "
-        f"mean {sum(tokens) / len(tokens):.0f}, total {sum(tokens)}"
-    )
-
-
-def _summary(report: Report, data: str, model: str | None) -> list[str]:
-    per_fmt = ", ".join(f"{k}: {v}" for k, v in sorted(report.counts.items()))
-    turns = Counter(m["role"] for r in report.records for m in r.all_turns())
-    n_pref = sum(r.is_preference for r in report.records)
-    lines = [
-        f"{data}: {len(report.records)} records ({per_fmt or 'none'}); format {report.fmt}",
-        f"turns: {sum(turns.values())} (system {turns['system']}, user {turns['user']}, "
-        f"assistant {turns['assistant']}); preference pairs: {n_pref}",
-        f"images: {report.n_images}{_range(report.image_sizes)}",
-        f"videos: {report.n_videos}{_range(report.video_sizes)}",
-    ]
-    if model:
-        lines.append(_token_line(model, report.image_sizes))
-    return lines
-
-
-def cli_check(argv: list[str]) -> int:
-    """``vlmfit check``: 0 and a summary, or 1 and one ``FILE:RECORD: reason`` per problem."""
-    args = _parser().parse_args(argv)
-    if args.model:
-        from vlmfit.models import registry
-
-        try:
-            registry.get(args.model)
-        except registry.UnknownModelError as e:
-            print(f"vlmfit check: {e}")
-            return 2
-    report = check_dataset(
-        args.data,
-        fmt=args.format,
-        on_error="skip",
-        check_media=not args.no_media,
-        max_pixels=args.max_pixels,
-        split=None if args.split == "all" else args.split,
-        dataset=args.dataset,
-        model=args.model,
-    )
-    for line in report.skipped_files:
-        print(f"skipped file {line}")
-    for problem in report.problems:
-        print(problem)
-    if report.problems and not args.skip_bad:
-        kinds = ", ".join(f"{k}: {v}" for k, v in sorted(report.by_reason.items()))
-        print(
-            f"{len(report.problems)} problem(s) in {report.skipped} record(s) of {args.data} "
-            f"({kinds}); nothing was changed"
-        )
-        return 1
-    if report.problems:
-        print(f"skipped {report.skipped} bad record(s) ({len(report.problems)} problem(s))")
-    for line in _summary(report, args.data, args.model):
-        print(line)
-    return 0 if report.records else 1

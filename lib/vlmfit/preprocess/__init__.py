@@ -2,13 +2,12 @@
 apply the over-length policy, and cache the result under a fingerprint of its inputs.
 
 ``preprocess(data, model, budget=...)`` runs the stages in order: read, probe media,
-lengths and policy, save media (worker processes), write; ``python -m vlmfit preprocess``
-is its command line. The cache folder's layout, and what training must reuse from its
-manifest, are in docs/preprocess.md.
+lengths and policy, save media (worker processes), write; ``vlmfit preprocess``
+(:mod:`vlmfit.cli.preprocess`) is its command line. The cache folder's layout, and what
+training must reuse from its manifest, are in docs/preprocess.md.
 """
 
 from vlmfit.preprocess.cache import PIPELINE_VERSION, file_hash, fingerprint
-from vlmfit.preprocess.cli import _parser, cli_preprocess
 from vlmfit.preprocess.options import POLICIES
 from vlmfit.preprocess.pipeline import preprocess
 from vlmfit.preprocess.result import (
@@ -24,8 +23,6 @@ __all__ = [
     "POLICIES",
     "REFERENCE_SIZES",
     "PreprocessResult",
-    "_parser",
-    "cli_preprocess",
     "file_hash",
     "fingerprint",
     "pitfall_table",

@@ -1,14 +1,14 @@
 """The training stage: SFT and DPO through TRL's trainers, with PEFT adapters, in run folders.
 
-The notebooks call ``train.run(cfg)``; the CLI is ``vlmfit train`` (:mod:`.cli`). What
-vlmfit adds on top of TRL: the model registry (module groups, LoRA targets), assistant-only
+The notebooks call ``train.run(cfg)``; the CLI is ``vlmfit train`` (:mod:`vlmfit.cli.train`).
+What vlmfit adds on top of TRL: the model registry (module groups, LoRA targets), assistant-only
 loss checked for every family, a separate learning rate for projector / embeddings, DPO's
 reference model as the base with the adapter disabled, memory in the metrics log,
 evaluation by generation, and run folders that resume.
 
 Modules: ``data`` (the preprocessed cache as a dataset), ``model`` (model, adapters,
 optimizer), ``trainer`` (TRL config, trainer, metrics callback), ``pipeline`` (``run``:
-one run step by step), ``merge``, ``cli``; ``evaluate``, ``runs`` (run folders),
+one run step by step), ``merge``; ``evaluate``, ``runs`` (run folders),
 ``collate``, ``packing``, ``fastpath`` and ``distributed``. The names below load on first
 use, so that ``vlmfit.train.runs`` (read by reports and preprocessing) imports no torch.
 """
@@ -38,11 +38,9 @@ _EXPORTS = {
     "run": ("pipeline", "run"),
     "save_model": ("pipeline", "save_model"),
     "merge_adapter": ("merge", "merge_adapter"),
-    "cli_train": ("cli", "cli_train"),
 }
 
 if TYPE_CHECKING:
-    from vlmfit.train.cli import cli_train
     from vlmfit.train.data import (
         load_prepared,
         load_training_records,
@@ -74,7 +72,6 @@ def __dir__() -> list[str]:
 __all__ = [
     "build_model",
     "build_trainer",
-    "cli_train",
     "load_prepared",
     "load_training_records",
     "lora_config",

@@ -1,6 +1,6 @@
 """The embedded default: the whole vlmfit pipeline offline on CPU, in minutes.
 
-    make demo            (or: python scripts/demo.py)
+    make demo            (or: vlmfit demo)
 
 1. generates the bundled shapes dataset (data/shapes, deterministic),
 2. preprocesses it for a tiny SmolVLM-architecture model (data report),
@@ -14,13 +14,12 @@
 The demo owns its runs (runs/sft-tiny-smolvlm, runs/dpo-tiny-smolvlm): a rerun replaces
 them. Progress (section, step, loss, ETA) is printed while each notebook runs.
 
-Deterministic under --seed. Hyper-parameters below were chosen so that held-out
+Deterministic under ``seed``. Hyper-parameters below were chosen so that held-out
 exact match rises from chance to >= 0.9 within the time budget on 2 CPU cores.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -55,13 +54,8 @@ DPO = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--reports", default="reports")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model", default=MODEL)
-    a = p.parse_args(argv)
-
+def run_demo(reports: str = "reports", seed: int = 0, model: str = MODEL) -> int:
+    """The demo (module docstring); 0 when its targets were met, else 1."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo never touches a hub
     from vlmfit import report
     from vlmfit.data import synth
@@ -70,32 +64,32 @@ def main(argv: list[str] | None = None) -> int:
     from vlmfit.report.runner import NotebookFailed, run_notebook
 
     t0 = time.time()
-    meta = synth.generate("data/shapes", seed=a.seed)
+    meta = synth.generate("data/shapes", seed=seed)
     print(f"[demo] dataset data/shapes: {meta['status']}")
-    common = {"model": a.model, "weights": "hub", "seed": a.seed}
+    common = {"model": model, "weights": "hub", "seed": seed}
     steps = [
         (
             "preprocess.ipynb",
-            f"preprocess-{a.model}",
-            {"data": "data/shapes/sft_train.json", "model": a.model},
+            f"preprocess-{model}",
+            {"data": "data/shapes/sft_train.json", "model": model},
         ),
-        ("sft.ipynb", f"sft-{a.model}", {**common, **SFT}),
-        ("dpo.ipynb", f"dpo-{a.model}", {**common, **DPO, "init_adapter": f"sft-{a.model}"}),
+        ("sft.ipynb", f"sft-{model}", {**common, **SFT}),
+        ("dpo.ipynb", f"dpo-{model}", {**common, **DPO, "init_adapter": f"sft-{model}"}),
     ]
     for nb, name, params in steps:
         t = time.time()
-        print(f"[demo] {nb} -> {a.reports}/{name}.html", flush=True)
+        print(f"[demo] {nb} -> {reports}/{name}.html", flush=True)
         try:
-            run_notebook(Path("notebooks") / nb, name, params, a.reports, overwrite=True)
+            run_notebook(Path("notebooks") / nb, name, params, reports, overwrite=True)
         except (ParameterError, NotebookFailed) as e:
-            write_index(a.reports)
+            write_index(reports)
             print(f"[demo] error: {e}", file=sys.stderr)
             return 1
         print(f"[demo]   done in {time.time() - t:.0f} s", flush=True)
-    index = write_index(a.reports)
+    index = write_index(reports)
 
-    sft = json.loads(Path(f"runs/sft-{a.model}/summary.json").read_text())
-    dpo = json.loads(Path(f"runs/dpo-{a.model}/summary.json").read_text())
+    sft = json.loads(Path(f"runs/sft-{model}/summary.json").read_text())
+    dpo = json.loads(Path(f"runs/dpo-{model}/summary.json").read_text())
     before = sft["eval_before"]["exact_match"]
     after_sft = sft["eval_after"]["exact_match"]
     after_dpo = dpo["eval_after"]["exact_match"]
@@ -105,14 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[demo]   after SFT   {after_sft:.3f}   per type {sft['eval_after']['by_type']}")
     print(f"[demo]   after DPO   {after_dpo:.3f}")
     print("[demo] what DPO moves (before DPO -> after):")
-    for what, b, after in report.dpo_changes(dpo, report.metrics(f"runs/dpo-{a.model}")):
+    for what, b, after in report.dpo_changes(dpo, report.metrics(f"runs/dpo-{model}")):
         print(f"[demo]   {what:50} {b:>8} -> {after}")
     print(f"[demo] reports: {index}  ({time.time() - t0:.0f} s in all)")
     ok = after_sft >= 0.9 and after_dpo >= after_sft - 1e-9
     if not ok:
         print("[demo] WARNING: the demo's targets (>= 0.9 after SFT, DPO not lower) were not met")
     return 0 if ok else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

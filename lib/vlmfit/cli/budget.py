@@ -1,56 +1,63 @@
-"""``vlmfit tokens``: the visual-token cost of an image size, and the shared budget flags."""
+"""``vlmfit tokens``: the visual-token cost of an image size; the budget flags it shares."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 from dataclasses import asdict
 from typing import Any
 
-from vlmfit.budget.cost import (
-    Budget,
-    budget_size,
-    image_sequence_tokens,
-    image_tokens,
-    processed_size,
-    processor_kwargs,
-)
-from vlmfit.budget.idefics3 import idefics3_tiles
-from vlmfit.budget.qwen import (
-    QWEN_CARD_MAX_TOKENS,
-    QWEN_VIDEO_DEFAULTS,
-    qwen_settings,
-    video_frame_size,
-    video_tokens,
-)
-from vlmfit.models import registry
-from vlmfit.models.registry import ModelSpec
+from vlmfit.cli.common import Parser, command, image_size, models_help
 
 
-class _UsageError(Exception):
-    pass
+def add_budget_arguments(parser) -> None:
+    """The budget options shared by ``vlmfit tokens`` and ``vlmfit preprocess``."""
+    parser.add_argument("--max-image-tokens", type=int, help="visual tokens per image")
+    parser.add_argument("--max-pixels", type=int, help="pixels per image after resizing")
+    parser.add_argument("--max-longest-edge", type=int, help="px")
+    parser.add_argument("--min-image-tokens", type=int, help="Qwen only (min_pixels)")
+    # Idefics3's image splitting into tiles (``--split`` in preprocess names the dataset split)
+    tiles = parser.add_mutually_exclusive_group()
+    tiles.add_argument(
+        "--image-splitting", dest="do_image_splitting", action="store_true", default=None
+    )
+    tiles.add_argument("--no-image-splitting", dest="do_image_splitting", action="store_false")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # return exit 2 from cli_tokens instead of sys.exit
-        raise _UsageError(message)
+def budget_from_args(args):
+    from vlmfit.budget import Budget
+
+    return Budget(
+        max_image_tokens=args.max_image_tokens,
+        max_pixels=args.max_pixels,
+        max_longest_edge=args.max_longest_edge,
+        min_image_tokens=args.min_image_tokens,
+        do_image_splitting=args.do_image_splitting,
+    )
 
 
-def _parse_size(text: str) -> tuple[int, int]:
-    try:
-        w, h = (int(p) for p in text.lower().split("x"))
-    except ValueError:
-        msg = f"--image must look like WIDTHxHEIGHT (e.g. 1000x1000), got {text!r}"
-        raise _UsageError(msg) from None
-    if w < 1 or h < 1:
-        raise _UsageError(f"--image sides must be >= 1 px, got {text!r}")
-    return w, h
+def parser() -> Parser:
+    p = Parser(
+        "tokens",
+        "The visual tokens of an image size for MODEL, at the processor's defaults and, with a "
+        "budget, after it.\nThe last line is always `tokens: N` (the final count).",
+        epilog=models_help(),
+    )
+    p.add_argument("--model", required=True, help="registry name or hub id")
+    p.add_argument(
+        "--image", required=True, type=image_size, help="WIDTHxHEIGHT in px, e.g. 1000x1000"
+    )
+    add_budget_arguments(p)
+    p.add_argument("--video-frames", type=int, help="frames (after sampling); Qwen only")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
 
 
-def _describe(spec: ModelSpec, w: int, h: int, budget: Budget | None) -> tuple[str, dict]:
+def _describe(spec, w: int, h: int, budget) -> tuple[str, dict]:
     """One human-readable clause and a JSON-able dict for one (image, budget)."""
+    from vlmfit.budget.cost import budget_size, image_sequence_tokens, image_tokens, processed_size
+    from vlmfit.budget.idefics3 import idefics3_tiles
+
     tokens = image_tokens(spec, w, h, budget)
     info: dict[str, Any] = {"tokens": tokens}
     if spec.is_qwen:
@@ -69,59 +76,25 @@ def _describe(spec: ModelSpec, w: int, h: int, budget: Budget | None) -> tuple[s
     return text, info
 
 
-def add_budget_arguments(parser) -> None:
-    """The budget options shared by ``vlmfit tokens`` and ``vlmfit preprocess``."""
-    parser.add_argument("--max-image-tokens", type=int, help="visual tokens per image")
-    parser.add_argument("--max-pixels", type=int, help="pixels per image after resizing")
-    parser.add_argument("--max-longest-edge", type=int, help="px")
-    parser.add_argument("--min-image-tokens", type=int, help="Qwen only (min_pixels)")
-    # Idefics3's image splitting into tiles (``--split`` in preprocess names the dataset split)
-    tiles = parser.add_mutually_exclusive_group()
-    tiles.add_argument(
-        "--image-splitting", dest="do_image_splitting", action="store_true", default=None
-    )
-    tiles.add_argument("--no-image-splitting", dest="do_image_splitting", action="store_false")
-
-
-def budget_from_args(args) -> Budget:
-    return Budget(
-        max_image_tokens=args.max_image_tokens,
-        max_pixels=args.max_pixels,
-        max_longest_edge=args.max_longest_edge,
-        min_image_tokens=args.min_image_tokens,
-        do_image_splitting=args.do_image_splitting,
-    )
-
-
+@command("tokens")
 def cli_tokens(argv: list[str]) -> int:
-    """``python -m vlmfit tokens --model MODEL --image WxH [budget flags] [--json]``.
+    """``vlmfit tokens --model MODEL --image WxH [budget flags] [--json]``."""
+    from vlmfit.budget.cost import budget_size, processor_kwargs
+    from vlmfit.budget.qwen import QWEN_CARD_MAX_TOKENS, qwen_settings
+    from vlmfit.models import registry
 
-    Prints the cost at the processor's defaults and, with a budget, after it. The last line
-    is always ``tokens: N`` (the final count). Exit 2 on a usage error or unknown model.
-    """
-    parser = _Parser(prog="vlmfit tokens", description=cli_tokens.__doc__)
-    parser.add_argument("--model", required=True, help="registry name or hub id")
-    parser.add_argument("--image", required=True, help="WIDTHxHEIGHT in px, e.g. 1000x1000")
-    add_budget_arguments(parser)
-    parser.add_argument("--video-frames", type=int, help="frames (after sampling); Qwen only")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    try:
-        args = parser.parse_args(argv)
-        w, h = _parse_size(args.image)
-        spec = registry.get(args.model)
-        budget = budget_from_args(args)
-    except (_UsageError, registry.UnknownModelError, ValueError) as err:
-        print(f"vlmfit tokens: error: {err}", file=sys.stderr)
-        return 2
-
+    p = parser()
+    args = p.parse_args(argv)
+    w, h = args.image
+    spec = registry.get(args.model)
+    budget = budget_from_args(args)
     try:
         if args.video_frames is not None:
-            return _cli_video(spec, w, h, args.video_frames, budget, args.json)
+            return _video(spec, w, h, args.video_frames, budget, args.json)
         text, before = _describe(spec, w, h, None)
         after_text, after = _describe(spec, w, h, budget) if not budget.is_empty() else ("", None)
     except ValueError as err:
-        print(f"vlmfit tokens: error: {spec.name} {w}x{h}: {err}", file=sys.stderr)
-        return 2
+        p.error(f"{spec.name} {w}x{h}: {err}")
 
     final = after if after is not None else before
     if args.json:
@@ -168,9 +141,9 @@ def cli_tokens(argv: list[str]) -> int:
     return 0
 
 
-def _cli_video(
-    spec: ModelSpec, w: int, h: int, n_frames: int, budget: Budget, as_json: bool
-) -> int:
+def _video(spec, w: int, h: int, n_frames: int, budget, as_json: bool) -> int:
+    from vlmfit.budget.qwen import QWEN_VIDEO_DEFAULTS, video_frame_size, video_tokens
+
     tokens = video_tokens(spec, w, h, n_frames, budget)
     fw, fh = video_frame_size(spec, w, h, n_frames, budget)
     grid_t = math.ceil(n_frames / QWEN_VIDEO_DEFAULTS["temporal_patch_size"])
