@@ -199,6 +199,52 @@ SUITES["run6-smol-chunk"] = [
     {**_SMOL, "finetune": "lora", "mb": 4},
     {**_SMOL, "finetune": "lora", "mb": 12, "steps": 20},
 ]  # fmt: skip
+# Run 7 (one command, four GPUs, one lane each): offloading through vlmfit's own checkpoint
+# function and the input embeddings in host memory (``activation_offloading=True``) against
+# the defaults, the plain recipe and Unsloth (lane "run7-unsloth", unsloth_driver.py)
+_OFF7 = {"activation_offloading": True}
+SUITES["run7-7b"] = [
+    {**_Q7, "path": "vlmfit", "finetune": "lora", "mb": 4, "steps": 20},
+    {**_Q7, "path": "vlmfit", "finetune": "lora", "mb": 4, "steps": 20, "over": _OFF7},
+    {**_Q7, "path": "vlmfit", "finetune": "lora", "mb": 5, "steps": 16, "over": _OFF7},
+    {**_Q7, "path": "vlmfit-loop", "finetune": "lora", "mb": 4},
+    {**_Q7, "path": "plain", "finetune": "lora", "mb": 4},
+]  # fmt: skip
+SUITES["run7-7b-q"] = [
+    {**_Q7, "path": "vlmfit", "finetune": "qlora", "mb": 4, "steps": 14, "over": _OFF7},
+    {**_Q7, "path": "vlmfit", "finetune": "qlora", "mb": 2, "steps": 14, "over": _OFF7},
+    {**_Q7, "path": "plain", "finetune": "qlora", "mb": 1},
+    {**_Q7, "path": "vlmfit-dpo", "finetune": "lora", "mb": 1, "steps": 10},
+    {**_Q7, "path": "plain-dpo", "finetune": "lora", "mb": 1, "steps": 8},
+]  # fmt: skip
+SUITES["run7-unsloth"] = [  # Unsloth's 7B rows (end to end), what unsloth_driver mirrors
+    {**_Q7, "path": "vlmfit", "finetune": "lora", "mb": 4, "steps": 20},
+    {**_Q7, "path": "vlmfit", "finetune": "qlora", "mb": 1, "steps": 14},
+]  # fmt: skip
+SUITES["run7-smol"] = [
+    {**_SMOL, "finetune": "lora", "mb": 11, "steps": 30},
+    {**_SMOL, "finetune": "lora", "mb": 12, "steps": 30, "over": _OFF7},
+    {**_SMOL, "finetune": "lora", "mb": 16, "steps": 30, "over": _OFF7},
+    {**_SMOL, "finetune": "qlora", "mb": 16, "steps": 30, "over": _OFF7},
+    {**_SMOL, "path": "vlmfit-loop", "finetune": "lora", "mb": 12},
+    {**_SMOL, "path": "plain", "finetune": "lora", "mb": 4},
+]  # fmt: skip
+# Run 7, second command: packing (padding-free rows, varlen attention) on top of offloading,
+# and where the Trainer's step spends its time next to the GPU loop's ("profile")
+_PACK7 = {**_OFF7, "packing": True}
+SUITES["run7b-7b"] = [
+    {**_Q7, "path": "vlmfit-loop", "finetune": "lora", "mb": 4, "profile": True},
+    {**_Q7, "path": "vlmfit", "finetune": "lora", "mb": 4, "steps": 16, "over": _OFF7,
+     "profile": True},
+    {**_Q7, "path": "vlmfit", "finetune": "lora", "mb": 4, "steps": 20, "over": _PACK7},
+    {**_Q7, "path": "vlmfit", "finetune": "lora", "mb": 5, "steps": 16, "over": _PACK7},
+]  # fmt: skip
+SUITES["run7b-smol"] = [
+    {**_SMOL, "finetune": "qlora", "mb": 12, "steps": 30, "over": _OFF7},
+    {**_SMOL, "finetune": "lora", "mb": 12, "steps": 30, "over": _PACK7},
+    {**_SMOL, "finetune": "lora", "mb": 12, "steps": 30, "over": _OFF7, "profile": True},
+    {**_SMOL, "path": "vlmfit-loop", "finetune": "lora", "mb": 12, "profile": True},
+]  # fmt: skip
 SUITES["all"] = [c for k in ("smolvlm", "qwen7b", "qwen7b-qlora") for c in SUITES[k]]
 
 
@@ -331,11 +377,14 @@ def loop_setup(case: dict, data: Path):
     model.train()  # as Trainer does: from_pretrained models are in eval mode (no checkpointing)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
-    def step():
+    def step(mark=lambda name: None):
         loss = model(**batch, fused_lm_head=True).loss if fused else model(**batch).loss
+        mark("forward")
         loss.backward()
+        mark("backward")
         opt.step()
         opt.zero_grad(set_to_none=True)
+        mark("optimizer step")
 
     return model, batch, step, cfg
 
@@ -356,6 +405,20 @@ def gpu_loop(case: dict, data: Path, steps: int = 6, warmup: int = 2) -> dict:
             times.append(time.perf_counter() - t)
     step_s = sorted(times)[len(times) // 2]
     row = _row(case, cfg, model, tokens / step_s, case["mb"] / step_s, tokens / case["mb"])
+    if case.get("profile"):  # the same phases as end_to_end's, GPU synchronized
+        spans: dict[str, list[float]] = {}
+        for _ in range(3):
+            torch.cuda.synchronize()
+            last = [time.perf_counter()]
+
+            def mark(name, spans=spans, last=last):
+                torch.cuda.synchronize()
+                now = time.perf_counter()
+                spans.setdefault(name, []).append(now - last[0])
+                last[0] = now
+
+            step(mark)
+        row["phases_s"] = {k: sorted(v)[1] for k, v in spans.items()}
     row["vision_attention"] = getattr(model, "vlmfit_vision_attention", None)
     return row
 
@@ -387,6 +450,7 @@ def end_to_end(case: dict, data: Path) -> dict:
     if case["path"].startswith("plain"):
         over |= PLAIN | ({"qlora_upcast": True} if case["finetune"] == "qlora" else {})
     cfg, _ = resolve(over)
+    phases = _time_phases() if case.get("profile") else None
     s = train.run(cfg, progress=False)
     peak = s["train_peak_memory_gib"]
     reserved = torch.cuda.max_memory_reserved() / 2**30
@@ -396,7 +460,71 @@ def end_to_end(case: dict, data: Path) -> dict:
     row["mfu"] = s["mfu"]
     row["data_wait_fraction"] = s["data_wait_fraction"]
     row["levers"] = {k: v for k, v in s["levers"].items() if k != "vision_no_grad_modules"}
+    if phases is not None:
+        row["phases_s"] = phases()
     return row
+
+
+def _time_phases():
+    """Diagnosis (``case["profile"]``): where a Trainer step's time goes, GPU synchronized at
+    each boundary (so the step runs a little slower than unprofiled). Returns a function
+    giving the median seconds per phase over the steps after the first four."""
+    import statistics
+    from collections import defaultdict
+
+    import torch
+    from transformers import TrainerCallback
+
+    from vlmfit.train import pipeline
+
+    spans: dict[str, list[float]] = defaultdict(list)
+    marks: dict[str, float] = {}
+
+    def mark(name: str) -> float:
+        torch.cuda.synchronize()
+        marks[name] = time.perf_counter()
+        return marks[name]
+
+    def timed(obj, attr: str, label: str):
+        fn = getattr(obj, attr)
+
+        def run(*a, **k):
+            t = mark(label)
+            out = fn(*a, **k)
+            spans[label].append(mark(label + ".end") - t)
+            return out
+
+        setattr(obj, attr, run)
+
+    class Phases(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            now = mark("begin")
+            if "end" in marks:
+                spans["between steps (data, logging)"].append(now - marks["end"])
+
+        def on_pre_optimizer_step(self, args, state, control, **kw):
+            spans["backward to optimizer (clipping)"].append(
+                mark("pre") - marks.get("backward.end", marks["pre"])
+            )
+
+        def on_optimizer_step(self, args, state, control, **kw):
+            spans["optimizer step"].append(mark("opt") - marks["pre"])
+
+        def on_step_end(self, args, state, control, **kw):
+            spans["after optimizer (scheduler, zero_grad)"].append(mark("end") - marks["opt"])
+            spans["whole step"].append(marks["end"] - marks["begin"])
+
+    original = pipeline.build_trainer
+
+    def build_trainer(*a, **k):
+        trainer = original(*a, **k)
+        trainer.add_callback(Phases())
+        timed(trainer, "compute_loss", "forward (compute_loss)")
+        timed(trainer.accelerator, "backward", "backward")
+        return trainer
+
+    pipeline.build_trainer = build_trainer
+    return lambda: {k: statistics.median(v[4:] or v) for k, v in spans.items()}
 
 
 def _row(case, cfg, model, tps, sps, per_sample, peak=None, reserved=None) -> dict:

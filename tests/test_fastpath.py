@@ -506,3 +506,119 @@ def test_chunked_tiles_passes_flat_patch_sequences_through():
         lambda pixel_values: pixel_values + 1, 2, (), {"pixel_values": tiles}
     )
     assert torch.equal(out, tiles + 1)
+
+
+@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_offloaded_layer_inputs_give_the_gradients_of_plain_checkpointing(
+    name, dropout, shapes, tiny_cache, tmp_path
+):
+    """``activation_offloading`` (one process): the language model's checkpointed layers keep
+    their input in host memory and recompute the rest (``vlmfit.train.offload``); the loss
+    and every LoRA gradient equal non-reentrant checkpointing's, dropout masks included
+    (the recompute replays the forward's random state)."""
+    from vlmfit.train import offload
+
+    results = {}
+    for offloading in (False, True):
+        cfg = _cfg(shapes, tmp_path, model=name, gradient_checkpointing=True,
+                   activation_offloading=offloading, lora_dropout=dropout)  # fmt: skip
+        model, processor = _build(cfg)
+        layers = model.get_base_model().get_decoder().layers
+        assert model.vlmfit_offloaded_layers == (len(layers) if offloading else 0)
+        assert fastpath.trl_offloading(cfg) is False  # TRL's hooks stay off either way
+        model.train()
+        batch = _batch(cfg, model, processor, shapes)
+        calls = []
+        original = offload._Stash.__init__
+
+        def counted(self, hidden, calls=calls, original=original):
+            calls.append(tuple(hidden.shape))
+            original(self, hidden)
+
+        offload._Stash.__init__ = counted
+        try:
+            torch.manual_seed(3)
+            loss = model(**batch).loss
+            loss.backward()
+        finally:
+            offload._Stash.__init__ = original
+        assert len(calls) == (len(layers) if offloading else 0)
+        assert not offload._pending  # every stash was consumed by its backward
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[offloading] = (loss.detach(), grads)
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-6, atol=1e-6)
+    assert results[True][1].keys() == results[False][1].keys() and results[False][1]
+    for n, g in results[False][1].items():
+        torch.testing.assert_close(results[True][1][n], g, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_offloaded_checkpoint_runs_plainly_without_grad_and_falls_back_where_it_must():
+    """A reference forward (no grad) stashes nothing; an input without grad or another
+    argument that needs one goes through non-reentrant checkpointing instead."""
+    import functools
+
+    from vlmfit.train import offload
+
+    lin = torch.nn.Linear(4, 4)
+    x = torch.randn(2, 4, requires_grad=True)
+    with torch.no_grad():
+        torch.testing.assert_close(offload.offloaded_checkpoint(lin, x), lin(x))
+    assert not offload._pending
+    other = torch.randn(2, 4, requires_grad=True)
+    run = functools.partial(lambda h, extra: lin(h) * extra, extra=other)
+    offload.offloaded_checkpoint(run, x).sum().backward()
+    assert not offload._pending and other.grad is not None  # checkpoint kept its gradient
+    y = torch.randn(2, 4)
+    out = offload.offloaded_checkpoint(lin, y)
+    out.sum().backward()
+    assert lin.weight.grad is not None and not offload._pending
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_host_embeddings_compute_what_the_device_table_computes(name, shapes, tiny_cache, tmp_path):
+    """``host_embeddings``: the frozen input-embedding table moves to host memory; the loss
+    and LoRA gradients are unchanged, PEFT's input-grad hook moves with it, the table keeps
+    its state_dict name and ``model.to`` leaves it on the host. (``offload.host_embeddings``
+    moves it only off a GPU and never a table the LM head shares: checked on the GPU.)"""
+    from vlmfit.train import offload
+
+    cfg = _cfg(shapes, tmp_path, model=name, gradient_checkpointing=True,
+               activation_offloading=True, host_embeddings=False)  # fmt: skip
+    model, processor = _build(cfg)
+    assert model.vlmfit_host_embeddings == 0
+    base = model.get_base_model()
+    batch = _batch(cfg, model, processor, shapes)
+    model.train()
+    results = []
+    for host in (False, True):
+        if host:
+            emb = base.get_input_embeddings()
+            hooks = list(emb._forward_hooks.values())
+            assert hooks  # enable_input_require_grads
+            base.set_input_embeddings(offload.HostEmbedding(emb))
+            moved = base.get_input_embeddings()
+            assert list(moved._forward_hooks.values()) == hooks
+            key = next(k for k in model.state_dict() if k.endswith("embed_tokens.weight"))
+            torch.testing.assert_close(model.state_dict()[key], emb.weight)
+            model.to("cpu")
+            assert moved.table.device.type == "cpu"
+        model.zero_grad(set_to_none=True)
+        loss = model(**batch).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    assert results[1][1].keys() == results[0][1].keys() and results[0][1]
+    for n, g in results[0][1].items():
+        torch.testing.assert_close(results[1][1][n], g, msg=n)
+
+
+def test_host_embeddings_follow_offloading_unless_set():
+    def cfg(**kw):
+        return resolve({"model": "qwen2.5-vl-7b", **kw})[0]
+
+    assert not fastpath.uses_host_embeddings(cfg())
+    assert fastpath.uses_host_embeddings(cfg(activation_offloading=True))
+    assert not fastpath.uses_host_embeddings(cfg(activation_offloading=True, host_embeddings=False))
+    assert fastpath.uses_host_embeddings(cfg(host_embeddings=True))

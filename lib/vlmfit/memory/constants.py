@@ -83,6 +83,9 @@ REFERENCE_LAYER_H, REFERENCE_LAYER_I = 8.0, 8.0
 #: five layers' inputs). Measured: Qwen2.5-VL-7B LoRA mb 4, 6,869 tokens: 20.03 -> 18.96 GiB
 #: (23 of 28 layer inputs off the GPU: 1.06 GiB predicted).
 OFFLOAD_STASH_TENSORS = 5
+#: vlmfit's own offloading (one process, ``vlmfit.train.offload``): a layer input leaves the
+#: GPU as soon as its copy ends; in the backward one more is prefetched. Two layers' inputs.
+OFFLOAD_LAYER_INPUTS = 2
 #: Tokens/s with activation offloading relative to without (Qwen2.5-VL-7B LoRA, fused LoRA,
 #: micro-batch 4, end to end on an H200, run 6: 4,091 / 5,998): the planner's and the memory
 #: check's price for the GiB it frees; ``RunConfig.activation_offloading=None`` pays it only

@@ -31,6 +31,7 @@ from vlmfit.memory.constants import (
     LOGITS_BYTES_PER_VOCAB,
     LOGITS_BYTES_PER_VOCAB_FP32,
     NF4_BYTES_PER_PARAM,
+    OFFLOAD_LAYER_INPUTS,
     OFFLOAD_STASH_TENSORS,
     OPTIMIZER_STATES,
     RECIPES,
@@ -154,9 +155,10 @@ def estimate(
     nproc: int = 1,
     engine: str = "ddp",
     fused_lora: bool | None = None,
-    activation_offloading: bool | None = False,
+    activation_offloading: bool | str | None = False,
     autocast: bool | None = None,
     vision_chunk: int | None = None,
+    host_embeddings: bool | None = None,
 ) -> Estimate:
     """Predict the peak memory of one training step (GiB), with its breakdown.
 
@@ -176,9 +178,11 @@ def estimate(
     ``fused_lora`` (default: on for "vlmfit", off for "plain"): LoRA as one addmm on the
     layer's bf16 input (``RunConfig.fused_lora``), so adapted linears that share an input
     keep it once; off, PEFT's layer keeps a bf16 copy of its input per adapted linear (and
-    an fp32 copy in flight). ``activation_offloading`` (``RunConfig.activation_offloading``,
-    TRL's): what autograd keeps goes to pinned CPU memory but for the last few tensors;
-    None: off (training turns it on only where the run fits no other way: ``check_fits``). ``autocast`` (``RunConfig.autocast``; None: vlmfit's rule, off for
+    an fp32 copy in flight). ``activation_offloading`` (``RunConfig.activation_offloading``):
+    the layer inputs the checkpoints keep go to pinned CPU memory but for two (one process,
+    ``vlmfit.train.offload``) or five (``"trl"``: TRL's, as under several processes); None: off (training turns
+    it on only where the run fits no other way: ``check_fits``). ``host_embeddings`` (None:
+    with offloading): a frozen, untied input-embedding table in host memory. ``autocast`` (``RunConfig.autocast``; None: vlmfit's rule, off for
     LoRA / QLoRA with fused LoRA, else on): without it PEFT's LoRA keeps fp32 input copies
     and LayerNorm vision towers run in bf16.
     ``nproc`` / ``engine`` (ddp, fsdp2, zero3): the peak of one GPU of ``nproc``
@@ -220,6 +224,9 @@ def estimate(
         vision_chunk = VISION_CHUNK_TILES if fast else 0
     if activation_offloading is None:  # fastpath.offloads_activations: only to fit (check_fits)
         activation_offloading = False
+    trl_offloading = activation_offloading == "trl" or bool(activation_offloading and nproc > 1)
+    if host_embeddings is None:  # fastpath.uses_host_embeddings
+        host_embeddings = bool(activation_offloading) and not trl_offloading
 
     # -- tokens
     if visual_tokens is None:
@@ -256,6 +263,9 @@ def estimate(
         weights = (lin + rest) / GIB
     else:
         weights = a.total_params * wb / GIB
+    if host_embeddings and finetune in ("lora", "qlora") and not a.tied and nproc == 1:
+        weights -= a.embed_params * frozen_bytes / GIB
+        notes.append("host embeddings: the frozen input-embedding table in host memory")
     trainable = 0
     if finetune in ("lora", "qlora"):
         trainable = a.lora_params(lora_r)
@@ -306,7 +316,8 @@ def estimate(
         lm_backward = BACKWARD_EXTRA_H * h * act
     if activation_offloading:  # the kept tensors go to pinned CPU memory but the last few
         if gradient_checkpointing:
-            lm_kept = min(n_layers, OFFLOAD_STASH_TENSORS) * per_layer_kept
+            stash = OFFLOAD_STASH_TENSORS if trl_offloading else OFFLOAD_LAYER_INPUTS
+            lm_kept = min(n_layers, stash) * per_layer_kept
         else:  # the stash holds 5 tensors (the largest per token: 2i); each layer returns
             lm_kept = OFFLOAD_STASH_TENSORS * max(2.0 * i, 4.0 * h) * act  # in its backward
             lm_backward += layer

@@ -334,7 +334,9 @@ def _cfg_levers(cfg) -> dict[str, Any]:
 
     offloads = getattr(fastpath, "offloads_activations", None)
     uses_autocast = getattr(fastpath, "uses_autocast", None)
+    host = getattr(fastpath, "uses_host_embeddings", None)
     return {
+        "host_embeddings": bool(host(cfg)) if host else None,
         "fused_lora": bool(getattr(cfg, "fused_lora", True)),
         "activation_offloading": bool(
             offloads(cfg) if offloads else getattr(cfg, "activation_offloading", False)
@@ -364,8 +366,9 @@ def check_fits(cfg, sequence_tokens: int, visual_tokens: int, gpu_gib: float | N
     estimate; does nothing without CUDA and no ``gpu_gib``.
 
     ``activation_offloading=None`` is decided here: ``cfg.activation_offloading`` becomes
-    True where the run is predicted to fit only with its checkpoints in CPU memory (at
-    ``OFFLOAD_SPEED`` of the speed), else False.
+    True where the run is predicted to fit only with its checkpoints (and, with
+    ``host_embeddings=None``, the input embeddings) in CPU memory (at ``OFFLOAD_SPEED`` of
+    the speed), else False.
     """
     gpu = gpu_gib if gpu_gib is not None else local_gpu_gib()
     if gpu is None:

@@ -222,16 +222,43 @@ def fuse_lora(model) -> int:
 
 
 def offloads_activations(cfg) -> bool:
-    """Whether the checkpointed layer inputs go to pinned CPU memory (TRL's offloading).
+    """Whether the checkpointed layer inputs go to pinned CPU memory.
 
-    ``None`` (the default) is off: with fused LoRA the 7B's step is fast enough that the
-    copies no longer hide (run 6: 5,998 -> 4,091 tokens/s for -1.12 GiB, micro-batch 4).
-    ``train.run`` turns it on where the memory check predicts the run fits only with it
-    (``memory.check_fits``), as does ``make plan``.
+    ``None`` (the default) is off: ``train.run`` turns it on where the memory check predicts
+    the run fits only with it (``memory.check_fits``), as does ``make plan``.
     """
     if cfg.activation_offloading is not None:
         return bool(cfg.activation_offloading)
     return False
+
+
+def offloads_layer_inputs(cfg) -> bool:
+    """Offloading through vlmfit's checkpoint function (``vlmfit.train.offload``): only the
+    language model's layer inputs, copied on a side stream and prefetched back. Needs
+    gradient checkpointing; one process (under FSDP2 / DDP TRL's offloading runs instead)."""
+    from vlmfit.train import distributed
+
+    return (
+        offloads_activations(cfg)
+        and cfg.gradient_checkpointing
+        and not distributed.is_distributed()
+    )
+
+
+def uses_host_embeddings(cfg) -> bool:
+    """``host_embeddings``; ``None`` follows ``activation_offloading`` (both trade a copy per
+    step for device memory, and the memory check turns them on together). One process only,
+    and only where the table is frozen and not the LM head's (``offload.host_embeddings``)."""
+    from vlmfit.train import distributed
+
+    on = cfg.host_embeddings if cfg.host_embeddings is not None else offloads_activations(cfg)
+    return bool(on) and not distributed.is_distributed()
+
+
+def trl_offloading(cfg) -> bool:
+    """TRL's ``activation_offloading`` (every tensor autograd keeps, through saved-tensor
+    hooks): where offloading is on but :func:`offloads_layer_inputs` cannot serve it."""
+    return offloads_activations(cfg) and not offloads_layer_inputs(cfg)
 
 
 def uses_autocast(cfg) -> bool:
@@ -408,6 +435,8 @@ def applied_levers(
     vision_attention: str = "sdpa",
     fused_lora: int = 0,
     packing: str | None = None,
+    offloaded_layers: int = 0,
+    host_embeddings: int = 0,
 ) -> dict[str, Any]:
     """What ran, for summary.json and the report."""
     return {
@@ -420,6 +449,8 @@ def applied_levers(
         "packing": packing,
         "gradient_checkpointing": cfg.gradient_checkpointing,
         "activation_offloading": offloads_activations(cfg),
+        "offloaded_layer_inputs": offloaded_layers,  # vlmfit.train.offload (0: TRL's or off)
+        "host_embeddings_gib": round(host_embeddings / 2**30, 3),  # the table moved off the GPU
         "fused_lm_head": True,  # TRL's trainers always score through it
         "dataloader_num_workers": workers,
         "dataloader_prefetch_factor": cfg.dataloader_prefetch_factor if workers else None,

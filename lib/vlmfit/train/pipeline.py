@@ -262,6 +262,7 @@ def summarize(
         "peak_memory_gib": _peak_memory(log),
         "train_peak_memory_gib": train_peak,
         "tokens_per_s": tokens_per_s,
+        "tokens_per_s_wall": _tokens_per_s_wall(log, fit.train_s),
         "memory_growth": memory.growth(runs.MetricsLog(out / "memory.jsonl").read()),
         "tokens_per_sample": sum(data.train["length"]) / max(len(data.train), 1),
         "data_wait_fraction": _wait_fraction(log),
@@ -274,6 +275,8 @@ def summarize(
             vision_attention=getattr(model, "vlmfit_vision_attention", "sdpa"),
             fused_lora=getattr(model, "vlmfit_fused_lora", 0),
             packing=getattr(model, "vlmfit_packing", None),
+            offloaded_layers=getattr(model, "vlmfit_offloaded_layers", 0),
+            host_embeddings=getattr(model, "vlmfit_host_embeddings", 0),
         ),
         "device": env["gpu"] or "cpu",
     }
@@ -293,13 +296,25 @@ def _floats(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def _tokens_per_s(log: runs.MetricsLog, train_s: float) -> float | None:
-    """Steady-state tokens/s from TRL's ``num_tokens`` log (first interval dropped: warm-up)."""
+    """Steady-state tokens/s from TRL's ``num_tokens`` log: the median rate of the logging
+    intervals after the first two (warm-up: allocator growth, kernel autotuning), as a GPU
+    loop reports its median step. Checkpoint saves and evaluations fall outside it; the
+    whole run's rate is ``tokens_per_s_wall``."""
+    import statistics
+
     pts = [(r["time"], r["num_tokens"]) for r in log.read() if "num_tokens" in r]
-    if len(pts) >= 3 and pts[-1][0] > pts[1][0]:
-        return (pts[-1][1] - pts[1][1]) / (pts[-1][0] - pts[1][0])
-    if pts and train_s > 0:
-        return pts[-1][1] / train_s
-    return None
+    rates = [
+        (n1 - n0) / (t1 - t0) for (t0, n0), (t1, n1) in zip(pts, pts[1:], strict=False) if t1 > t0
+    ][2:]
+    if rates:
+        return statistics.median(rates)
+    return _tokens_per_s_wall(log, train_s)
+
+
+def _tokens_per_s_wall(log: runs.MetricsLog, train_s: float) -> float | None:
+    """Tokens of the whole run over its training time (warm-up, saves and evaluations in)."""
+    pts = [r["num_tokens"] for r in log.read() if "num_tokens" in r]
+    return pts[-1] / train_s if pts and train_s > 0 else None
 
 
 def _wait_fraction(log: runs.MetricsLog) -> float | None:

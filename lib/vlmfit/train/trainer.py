@@ -111,7 +111,7 @@ def training_args(cfg: RunConfig, out: Path, n_train: int, progress: bool = True
         dataloader_pin_memory=torch.cuda.is_available(),
         train_sampling_strategy=cfg.train_sampling_strategy,
         length_column_name="length",
-        activation_offloading=fastpath.offloads_activations(cfg),
+        activation_offloading=fastpath.trl_offloading(cfg),  # else train.offload's
         use_cpu=not torch.cuda.is_available(),
         # Off in reports: in a notebook the Trainer prints a table row per log step (the
         # curves in the report show the same numbers as plots).
