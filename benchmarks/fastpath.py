@@ -68,6 +68,7 @@ PLAIN = {
     "dataloader_num_workers": 0,
     "train_sampling_strategy": "random",
     "expandable_segments": False,
+    "packing": False,
 }
 
 SUITES: dict[str, list[dict]] = {
@@ -244,6 +245,36 @@ SUITES["run7b-smol"] = [
     {**_SMOL, "finetune": "lora", "mb": 12, "steps": 30, "over": _PACK7},
     {**_SMOL, "finetune": "lora", "mb": 12, "steps": 30, "over": _OFF7, "profile": True},
     {**_SMOL, "path": "vlmfit-loop", "finetune": "lora", "mb": 12, "profile": True},
+]  # fmt: skip
+# Run 7, third command: every default (packing on, offloading as the memory check decides:
+# on for the 7B, off for SmolVLM) against the plain recipe and Unsloth ("run7-unsloth"),
+# one command, one GPU a lane
+SUITES["run7-final-7b"] = [
+    {**_Q7, "path": "vlmfit", "finetune": "lora", "mb": 4, "steps": 20},
+    {**_Q7, "path": "vlmfit", "finetune": "lora", "mb": 5, "steps": 16},
+    {**_Q7, "path": "vlmfit-loop", "finetune": "lora", "mb": 4},
+    {**_Q7, "path": "plain", "finetune": "lora", "mb": 4},
+]  # fmt: skip
+SUITES["run7-final-q"] = [
+    {**_Q7, "path": "vlmfit", "finetune": "qlora", "mb": 4, "steps": 14},
+    {**_Q7, "path": "plain", "finetune": "qlora", "mb": 1},
+    {**_Q7, "path": "vlmfit-dpo", "finetune": "lora", "mb": 1, "steps": 10},
+    {**_Q7, "path": "plain-dpo", "finetune": "lora", "mb": 1, "steps": 8},
+]  # fmt: skip
+SUITES["run7-final-smol"] = [
+    {**_SMOL, "finetune": "lora", "mb": 12, "steps": 30},
+    {**_SMOL, "finetune": "qlora", "mb": 12, "steps": 30},
+    {**_SMOL, "path": "vlmfit-loop", "finetune": "lora", "mb": 12},
+    {**_SMOL, "path": "plain", "finetune": "lora", "mb": 4},
+]  # fmt: skip
+# Run 7, fourth command: DPO and SmolVLM micro-batch 11 under every default
+SUITES["run7-final-dpo"] = [
+    {**_Q7, "path": "vlmfit-dpo", "finetune": "lora", "mb": 1, "steps": 10},
+    {**_Q7, "path": "plain-dpo", "finetune": "lora", "mb": 1, "steps": 8},
+]  # fmt: skip
+SUITES["run7-final-smol11"] = [
+    {**_SMOL, "finetune": "lora", "mb": 11, "steps": 30},
+    {**_SMOL, "path": "vlmfit-loop", "finetune": "lora", "mb": 11},
 ]  # fmt: skip
 SUITES["all"] = [c for k in ("smolvlm", "qwen7b", "qwen7b-qlora") for c in SUITES[k]]
 
@@ -437,6 +468,7 @@ def end_to_end(case: dict, data: Path) -> dict:
         "method": "dpo" if dpo else "sft",
         "data": str(data),
         "eval_data": None,
+        "preference_eval_data": None,
         "run": f"bench-{case['path']}-{case['model']}-{case['finetune']}-mb{case['mb']}",
         "runs_dir": str(data.parent / "runs"),
         "per_device_train_batch_size": case["mb"],

@@ -215,6 +215,7 @@ def estimate_args(
     activation_offloading: bool = False,
     autocast: bool | None = None,
     vision_chunk: int = 0,
+    host_embeddings: bool | None = None,
 ) -> dict[str, Any]:
     """What ``python -m vlmfit estimate`` takes for case ``c`` (JSON-able), with the levers
     the run trained with (``RunConfig.fused_lora``, TRL's activation offloading and the
@@ -232,6 +233,7 @@ def estimate_args(
         "activation_offloading": bool(activation_offloading),
         "autocast": autocast,
         "vision_chunk": int(vision_chunk),
+        "host_embeddings": host_embeddings,
     }
 
 
@@ -250,6 +252,8 @@ def predict(args: dict[str, Any]):
     a["image_size"] = tuple(a["image_size"])
     a.setdefault("fused_lora", False)
     a.setdefault("vision_chunk", 0)  # rows before RunConfig.vision_chunk: all tiles at once
+    if a.get("activation_offloading") and "host_embeddings" not in a:  # rows before run 7:
+        a["activation_offloading"] = "trl"  # TRL's offloading, the embeddings on the GPU
     return memory.estimate(model, budget=Budget(max_image_tokens=mit) if mit else None, **a)
 
 
@@ -399,6 +403,7 @@ def run_config(c: dict[str, Any], work: Path, steps: int, warmup: int) -> dict[s
         "finetune": c["finetune"],
         "data": str(folder / ("dpo.json" if c["kind"] == "dpo" else "train.json")),
         "eval_data": None,
+        "preference_eval_data": None,
         "run": c["id"].replace(":", "_").replace("@", "-b"),
         "runs_dir": str(work / "runs"),
         "per_device_train_batch_size": c["mb"],

@@ -50,7 +50,9 @@ def _batch(cfg, model, processor, shapes):
     folder = train.prepare_data(cfg, cfg.data, progress=False)
     ds = train.load_prepared(folder, preference=False)
     collator = DataCollatorForVisionLanguageModeling(processor)
-    return collator([ds[i] for i in range(4)])
+    batch = collator([ds[i] for i in range(4)])
+    device = next(model.parameters()).device  # a GPU machine builds the model on its GPU
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def _build(cfg):
@@ -600,8 +602,8 @@ def test_host_embeddings_compute_what_the_device_table_computes(name, shapes, ti
             moved = base.get_input_embeddings()
             assert list(moved._forward_hooks.values()) == hooks
             key = next(k for k in model.state_dict() if k.endswith("embed_tokens.weight"))
-            torch.testing.assert_close(model.state_dict()[key], emb.weight)
-            model.to("cpu")
+            torch.testing.assert_close(model.state_dict()[key], emb.weight.cpu())
+            model.to(next(model.parameters()).device)
             assert moved.table.device.type == "cpu"
         model.zero_grad(set_to_none=True)
         loss = model(**batch).loss

@@ -94,7 +94,7 @@ class RunConfig:
     vision_no_grad: bool = True  # frozen vision tower without autograd: exact, less memory, faster
     qlora_vision_4bit: bool = True  # QLoRA: frozen vision tower in 4-bit (-1 GiB on 7B)
     qlora_upcast: bool = False  # True: PEFT's kbit prep: fp32 unquantized weights (more GiB)
-    activation_offloading: bool | None = None  # layer inputs in pinned CPU; None: only to fit
+    activation_offloading: bool | None = None  # layer inputs on CPU; None: if peak -5% or to fit
     host_embeddings: bool | None = None  # frozen input embeddings on CPU (7B -1 GiB); None: as ^
     attn_implementation: str = "sdpa"  # sdpa | eager | flex_attention | flash_attention_2
     vision_attention: Literal["varlen", "sdpa"] = "varlen"  # Qwen: all windows in 1 kernel, not 81
@@ -102,7 +102,7 @@ class RunConfig:
         32  # frozen tiled tower (SmolVLM): N tiles a pass, peak flat in batch; 0: all
     )
     fused_lora: bool = True  # LoRA as one addmm on the bf16 input: no fp32 copies per layer
-    packing: bool = False  # SFT: a batch as one padding-free row, per-sample attention (unmeasured)
+    packing: bool | None = None  # SFT: a batch as 1 padding-free row; None: where varlen runs
     autocast: bool | None = None  # bf16 autocast; None: off for fused LoRA (casts done), else on
     memory_check: bool = True  # refuse before loading a config predicted not to fit this GPU
     expandable_segments: bool = True  # CUDA allocator grows segments: less fragmentation

@@ -9,7 +9,7 @@
 from vlmfit.memory.activations import layer_bytes, lora_copies, vision_forward_bytes
 from vlmfit.memory.architecture import Arch, arch, arch_from_config
 from vlmfit.memory.cli import cli_estimate, cli_plan
-from vlmfit.memory.constants import GIB, OFFLOAD_SPEED
+from vlmfit.memory.constants import GIB, OFFLOAD_SPEED, OFFLOAD_WORTH
 from vlmfit.memory.estimator import (
     Estimate,
     activations_gib,
@@ -44,6 +44,7 @@ __all__ = [
     "GIB",
     "LADDER_COLUMNS",
     "OFFLOAD_SPEED",
+    "OFFLOAD_WORTH",
     "Arch",
     "Candidate",
     "Estimate",

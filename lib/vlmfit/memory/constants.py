@@ -86,11 +86,16 @@ OFFLOAD_STASH_TENSORS = 5
 #: vlmfit's own offloading (one process, ``vlmfit.train.offload``): a layer input leaves the
 #: GPU as soon as its copy ends; in the backward one more is prefetched. Two layers' inputs.
 OFFLOAD_LAYER_INPUTS = 2
-#: Tokens/s with activation offloading relative to without (Qwen2.5-VL-7B LoRA, fused LoRA,
-#: micro-batch 4, end to end on an H200, run 6: 4,091 / 5,998): the planner's and the memory
-#: check's price for the GiB it frees; ``RunConfig.activation_offloading=None`` pays it only
-#: where the run fits no other way.
-OFFLOAD_SPEED = 0.68
+#: Tokens/s with offloading relative to without, the planner's and the memory check's price
+#: for the GiB it frees. vlmfit's own (one process): 1.0, Qwen2.5-VL-7B LoRA mb 4 end to end
+#: on an H200, run 7: 6,012 / 5,963 tokens/s (with the input embeddings on the host too).
+#: TRL's (several processes): 0.68, run 6: 4,091 / 5,998.
+OFFLOAD_SPEED = 1.0
+OFFLOAD_SPEED_TRL = 0.68
+#: ``activation_offloading=None`` turns vlmfit's own offloading on where it is predicted to
+#: lower the peak by at least this share (the 7B: 11%; SmolVLM, whose peak is the vision
+#: tower's: under 2%, so off), and any offloading where the run fits no other way.
+OFFLOAD_WORTH = 0.05
 
 #: Vision block saved activations per patch (bf16) when autograd tracks the frozen tower (the
 #: plain recipe), multiples of vision hidden vh / MLP vi: two norms (fp32 input, 4vh each),

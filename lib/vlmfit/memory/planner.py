@@ -15,6 +15,8 @@ from vlmfit.memory.constants import (
     GIB,
     MB_GAIN,
     OFFLOAD_SPEED,
+    OFFLOAD_SPEED_TRL,
+    OFFLOAD_WORTH,
     QLORA_UNCERTAINTY,
     SPEED,
 )
@@ -241,22 +243,21 @@ def plan(
                         autocast=autocast,
                     )
                     if (
-                        c.required_gib > gpu_gib
-                        and activation_offloading is None
-                        and gc_on
-                        and (nproc == 1 or engine == "ddp")
-                    ):  # what RunConfig.activation_offloading=None does: offload to fit
-                        e = estimate(
+                        activation_offloading is None and gc_on and (nproc == 1 or engine == "ddp")
+                    ):  # what RunConfig.activation_offloading=None does (offload_pays)
+                        e_on = estimate(
                             spec, finetune=ft, lora_r=lora_r, micro_batch=mb,
                             text_tokens=text_tokens, image_size=image_size, budget=budget,
                             gradient_checkpointing=gc_on, vision_no_grad=vision_no_grad,
                             nproc=nproc, engine=engine, fused_lora=fused_lora,
                             activation_offloading=True, autocast=autocast,
                         )  # fmt: skip
-                        c = dataclasses.replace(
-                            c, estimate=e, required_gib=_required(e, margin),
-                            score=c.score * OFFLOAD_SPEED, activation_offloading=True,
-                        )  # fmt: skip
+                        if offload_pays(e, e_on, gpu_gib, nproc, margin):
+                            c = dataclasses.replace(
+                                c, estimate=e_on, required_gib=_required(e_on, margin),
+                                score=c.score * (OFFLOAD_SPEED if nproc == 1 else OFFLOAD_SPEED_TRL),
+                                activation_offloading=True,
+                            )  # fmt: skip
                     tried.append(c)
                     if c.required_gib <= gpu_gib:
                         out.append(c)
@@ -287,6 +288,15 @@ def plan(
         if out.advice:
             out.reason += ". What would fit: " + "; ".join(out.advice)
     return out
+
+
+def offload_pays(off: Estimate, on: Estimate, gpu_gib: float, nproc: int = 1, margin=0.0) -> bool:
+    """What ``activation_offloading=None`` decides from the estimates without / with it: on
+    where the run fits only with it, and (vlmfit's own, one process, free of speed cost)
+    where it lowers the peak by ``OFFLOAD_WORTH`` or more."""
+    if _required(off, margin) > gpu_gib:
+        return _required(on, margin) <= gpu_gib
+    return nproc == 1 and on.peak_gib <= (1 - OFFLOAD_WORTH) * off.peak_gib
 
 
 class WontFitError(ValueError):
@@ -365,10 +375,9 @@ def check_fits(cfg, sequence_tokens: int, visual_tokens: int, gpu_gib: float | N
     margin and the CUDA context) exceeds the GPU, saying what would fit. Returns the
     estimate; does nothing without CUDA and no ``gpu_gib``.
 
-    ``activation_offloading=None`` is decided here: ``cfg.activation_offloading`` becomes
-    True where the run is predicted to fit only with its checkpoints (and, with
-    ``host_embeddings=None``, the input embeddings) in CPU memory (at ``OFFLOAD_SPEED`` of
-    the speed), else False.
+    ``activation_offloading=None`` is decided here (``offload_pays``): on where the run
+    fits only with it, or where vlmfit's own offloading (one process) lowers the predicted
+    peak by ``OFFLOAD_WORTH``; with ``host_embeddings=None`` the input embeddings follow.
     """
     gpu = gpu_gib if gpu_gib is not None else local_gpu_gib()
     if gpu is None:
@@ -379,16 +388,18 @@ def check_fits(cfg, sequence_tokens: int, visual_tokens: int, gpu_gib: float | N
         from vlmfit.train import distributed
 
         cfg.activation_offloading = False
-        if need > gpu and cfg.gradient_checkpointing and not distributed.sharded():
+        if cfg.gradient_checkpointing and not distributed.sharded():
             cfg.activation_offloading = True
             e_on = _cfg_estimate(cfg, sequence_tokens, visual_tokens)
-            if _required(e_on, 0.0) <= gpu:
+            nproc = distributed.world_size()
+            if offload_pays(e, e_on, gpu, nproc):
+                why = "to fit" if need > gpu else f"-{e.peak_gib - e_on.peak_gib:.1f} GiB"
                 print(
-                    f"activation_offloading: on (predicted {e.peak_gib:.1f} GiB without it, "
-                    f"{e_on.peak_gib:.1f} GiB with it, on a {gpu:.1f} GiB GPU)"
+                    f"activation_offloading: on ({why}: predicted {e.peak_gib:.1f} GiB "
+                    f"without it, {e_on.peak_gib:.1f} GiB with it, on a {gpu:.1f} GiB GPU)"
                 )
                 return e_on
-            cfg.activation_offloading = None  # neither fits: the advice searches both
+            cfg.activation_offloading = False if need <= gpu else None  # None: advice tries
     if need > gpu:
         raise WontFitError(
             f"{cfg.model} {cfg.finetune}, micro-batch {cfg.per_device_train_batch_size}, "

@@ -138,12 +138,14 @@ def build_model(cfg: RunConfig):
     model.vlmfit_vision_no_grad = vision_parts
     model.vlmfit_fused_lora = fastpath.fuse_lora(model) if cfg.fused_lora else 0
     model.vlmfit_packing = None
-    if cfg.packing and cfg.method == "sft":
+    if cfg.method == "sft" and cfg.packing is not False:
         from vlmfit.train import packing
 
+        # None: only where the varlen kernel runs (CUDA): on CPU the block mask is slower
         why = fastpath.varlen_available(next(model.parameters()).device)
-        packing.enable(model, varlen=why is None)
-        model.vlmfit_packing = "varlen" if why is None else f"sdpa block mask ({why})"
+        if cfg.packing or why is None:
+            packing.enable(model, varlen=why is None)
+            model.vlmfit_packing = "varlen" if why is None else f"sdpa block mask ({why})"
     model.vlmfit_vision_attention = fastpath.set_vision_attention(model, spec, cfg.vision_attention)
     return model, processor
 
