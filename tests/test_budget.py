@@ -421,7 +421,7 @@ def test_qwen_pixel_caps_one_rule(budget):
     assert B.qwen_pixel_range(B.QWEN_VIDEO_DEFAULTS, budget) == video
     for w, h in [(1920, 1080), (100, 100)]:
         fh, fw = B.smart_resize(h, w, 28, *video)
-        assert B.video_frame_size(QWEN, w, h, 8, budget) == (fw, fh)
+        assert B.video_frame_size(QWEN, w, h, budget) == (fw, fh)
 
 
 # --------------------------------------------------------------------------- CLI

@@ -112,7 +112,7 @@ def test_fixture_videos_sampled_within_budget(tmp_path: Path, model: str) -> Non
         assert 2 <= n <= 8 and n % 2 == 0  # whole temporal patches, at most video_max_frames
         frames = _frames(res, row)
         assert len(frames) == n
-        w, h = B.video_frame_size(spec, info.width, info.height, n, budget)
+        w, h = B.video_frame_size(spec, info.width, info.height, budget)
         assert {f.size for f in frames} == {(w, h)}
         tokens = B.video_tokens(spec, info.width, info.height, n, budget)
         assert tokens // (n // 2) <= 64  # per temporal patch, as max_image_tokens says

@@ -11,6 +11,7 @@ import torch
 
 from vlmfit import memory
 from vlmfit.budget import Budget
+from vlmfit.cli.memory import cli_plan
 from vlmfit.config import RunConfig
 from vlmfit.memory import planner
 from vlmfit.models import registry
@@ -137,22 +138,22 @@ def test_plan_nothing_fits_with_reason():
 
 
 def test_cli_plan_exit_codes(capsys):
-    assert memory.cli_plan(["--model", "qwen2.5-vl-7b", "--gpu-gib", "80"]) == 0
+    assert cli_plan(["--model", "qwen2.5-vl-7b", "--gpu-gib", "80"]) == 0
     out = capsys.readouterr().out
     assert "peak allocated" in out and "FINETUNE=lora" in out
-    assert memory.cli_plan(["--model", "qwen2.5-vl-7b", "--gpu-gib", "80", "--json"]) == 0
+    assert cli_plan(["--model", "qwen2.5-vl-7b", "--gpu-gib", "80", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["fits"] and data["candidates"][0]["required_gib"] <= 80
-    assert memory.cli_plan(["--model", "qwen2.5-vl-7b", "--gpu-gib", "2"]) == 1
+    assert cli_plan(["--model", "qwen2.5-vl-7b", "--gpu-gib", "2"]) == 1
     assert "nothing fits" in capsys.readouterr().out
-    assert memory.cli_plan(["--model", "nope", "--gpu-gib", "80"]) == 2
+    assert cli_plan(["--model", "nope", "--gpu-gib", "80"]) == 2
     assert "unknown model" in capsys.readouterr().err
-    assert memory.cli_plan(["--model", "smolvlm", "--gpu-gib", "80", "--image", "big"]) == 2
+    assert cli_plan(["--model", "smolvlm", "--gpu-gib", "80", "--image", "big"]) == 2
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
 def test_cli_plan_needs_gpu_gib_without_cuda(capsys):
-    assert memory.cli_plan(["--model", "smolvlm"]) == 2
+    assert cli_plan(["--model", "smolvlm"]) == 2
     assert "--gpu-gib" in capsys.readouterr().err
 
 

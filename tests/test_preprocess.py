@@ -388,7 +388,7 @@ def test_video_fixture_qwen2_vl_counts(tmp_path: Path, pp) -> None:
         n = media.sample_count(info, fps=2.0, max_frames=8)
         frames = sorted((res.path / row["videos"][0]).iterdir())
         assert len(frames) == n
-        fw, fh = B.video_frame_size(spec, info.width, info.height, n)
+        fw, fh = B.video_frame_size(spec, info.width, info.height)
         with Image.open(frames[0]) as im:
             assert im.size == (fw, fh)
         pads = B.video_tokens(spec, info.width, info.height, n)

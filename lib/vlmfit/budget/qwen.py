@@ -144,7 +144,6 @@ def video_frame_size(
     spec: ModelSpec,
     width: int,
     height: int,
-    n_frames: int,
     budget: Budget | None = None,
 ) -> tuple[int, int]:
     """(w, h) every frame is resized to by Qwen2VLVideoProcessor: per-frame smart_resize with
@@ -174,7 +173,7 @@ def video_tokens(
     """
     if n_frames < 1:
         raise ValueError(f"n_frames must be >= 1, got {n_frames}")
-    w, h = video_frame_size(spec, width, height, n_frames, budget)
+    w, h = video_frame_size(spec, width, height, budget)
     v = QWEN_VIDEO_DEFAULTS
     t = v["temporal_patch_size"]
     grid_t = (n_frames + -n_frames % t) // t

@@ -145,7 +145,7 @@ def _video(spec, w: int, h: int, n_frames: int, budget, as_json: bool) -> int:
     from vlmfit.budget.qwen import QWEN_VIDEO_DEFAULTS, video_frame_size, video_tokens
 
     tokens = video_tokens(spec, w, h, n_frames, budget)
-    fw, fh = video_frame_size(spec, w, h, n_frames, budget)
+    fw, fh = video_frame_size(spec, w, h, budget)
     grid_t = math.ceil(n_frames / QWEN_VIDEO_DEFAULTS["temporal_patch_size"])
     if as_json:
         print(

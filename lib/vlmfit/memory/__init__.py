@@ -8,7 +8,6 @@
 
 from vlmfit.memory.activations import layer_bytes, lora_copies, vision_forward_bytes
 from vlmfit.memory.architecture import Arch, arch, arch_from_config
-from vlmfit.memory.cli import cli_estimate, cli_plan
 from vlmfit.memory.constants import GIB, OFFLOAD_SPEED, OFFLOAD_WORTH
 from vlmfit.memory.estimator import (
     Estimate,
@@ -55,8 +54,6 @@ __all__ = [
     "arch",
     "arch_from_config",
     "check_fits",
-    "cli_estimate",
-    "cli_plan",
     "estimate",
     "explain_oom",
     "format_rows",

@@ -2,6 +2,6 @@
 
 import sys
 
-from vlmfit.memory.cli import cli_plan
+from vlmfit.cli.memory import cli_plan
 
 raise SystemExit(cli_plan(sys.argv[1:]))

@@ -12,11 +12,10 @@ DTYPE_BYTES: dict[str, int] = {"bf16": 2, "fp16": 2, "fp32": 4}
 #: of 64 weights, one fp32 constant per 256 absmax values (plus a negligible offset).
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
 
-#: Optimizer state bytes per trainable parameter, for fp32 parameters (LoRA adapters are fp32:
-#: PEFT's ``autocast_adapter_dtype``). torch's AdamW keeps exp_avg and exp_avg_sq in the
-#: parameter's dtype, so bf16 full fine-tuning has 2 x 2 bytes.
+#: Optimizer states per trainable parameter, each of the parameter's dtype (LoRA adapters are
+#: fp32: PEFT's ``autocast_adapter_dtype``; torch's AdamW keeps exp_avg and exp_avg_sq, so
+#: bf16 full fine-tuning has 2 x 2 bytes).
 OPTIMIZER_STATES: dict[str, int] = {"adamw": 2, "sgd": 0, "adamw8bit": 2}  # states per param
-OPTIMIZER_STATE_BYTES: dict[str, float] = {"adamw": 4, "sgd": 0, "adamw8bit": 1}
 
 #: The loss over the vocabulary, bytes per vocabulary entry per token at its peak (start of
 #: backward): logits in the model dtype (2), their fp32 upcast / log-softmax output (4), the

@@ -55,7 +55,7 @@ def cost(spec: ModelSpec, m: Media, budget: Budget | None, merges: bool) -> Use:
     if m.kind == "video":
         assert m.info is not None
         w, h, n = m.info.width, m.info.height, m.frames
-        target = B.video_frame_size(spec, w, h, n, budget)
+        target = B.video_frame_size(spec, w, h, budget)
         tokens = B.video_tokens(spec, w, h, n, budget)
         grid_t = -(-n // B.QWEN_VIDEO_DEFAULTS["temporal_patch_size"])
         return Use(m, tokens, tokens + 2, target, tokens // grid_t)

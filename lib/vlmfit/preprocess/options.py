@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vlmfit.config import RunConfig
+
 POLICIES = ("drop", "shrink")
 
 
@@ -11,9 +13,9 @@ POLICIES = ("drop", "shrink")
 class Options:
     """What :func:`~vlmfit.preprocess.preprocess` was asked to do, besides data and model."""
 
-    weights: str = "hub"
-    max_length: int = 2048
-    overlength: str = "drop"  # drop | shrink
+    weights: str = RunConfig.weights  # the run's defaults: RunConfig is their one source
+    max_length: int = RunConfig.max_length
+    overlength: str = RunConfig.overlength  # drop | shrink
     on_error: str = "fail"  # fail | skip
     workers: int = 1
     progress: bool = True

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from vlmfit import budget as B
 from vlmfit.budget import Budget
+from vlmfit.config import RunConfig
 from vlmfit.files import atomic_folder, write_json
 from vlmfit.models import registry
 from vlmfit.preprocess.cache import cache_inputs, fingerprint, is_complete
@@ -33,10 +34,10 @@ def preprocess(
     data: str | Path,
     model: str,
     *,
-    weights: str = "hub",
+    weights: str = RunConfig.weights,
     budget: Budget | None = None,
-    max_length: int = 2048,
-    overlength: str = "drop",
+    max_length: int = RunConfig.max_length,
+    overlength: str = RunConfig.overlength,
     on_error: str = "fail",
     cache_dir: str | Path = "data/cache",
     workers: int | None = None,
