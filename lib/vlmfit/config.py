@@ -1,10 +1,8 @@
 """Run configuration: one dataclass, field names as in TRL / PEFT / transformers.
 
-RunConfig is the one source of defaults: notebooks, Make variables and ``vlmfit train``
-pass only what the user set, and ``resolve`` fills the rest (``METHOD_DEFAULTS`` for the
-few that depend on SFT or DPO). A bad configuration fails here, before any model loads
-(``validate``), with a message that says what to change. ``resolve`` records where each
-value came from (default or override) so the run folder tells the whole story.
+RunConfig is the one source of defaults: callers pass only what the user set and
+:func:`resolve` fills the rest, records where each value came from, and fails before any
+model loads (:func:`validate`) with a message that says what to change.
 """
 
 from __future__ import annotations
@@ -211,7 +209,11 @@ def upgrade(values: dict[str, Any]) -> dict[str, Any]:
 
 def resolve(overrides: dict[str, Any] | None = None) -> tuple[RunConfig, dict[str, str]]:
     """Build a RunConfig from overrides (only what the user set; None values count as
-    set); returns it and each field's origin."""
+    set); returns it and each field's origin.
+
+    Notebooks, Make variables and ``vlmfit train`` pass only what the user set; the rest are
+    RunConfig's defaults (``METHOD_DEFAULTS`` for the few that depend on SFT or DPO). The
+    origin (default or override) of each value lets the run folder tell the whole story."""
     overrides = upgrade(overrides or {})
     unknown = sorted(set(overrides) - FIELDS)
     if unknown:

@@ -1,14 +1,8 @@
 """Visual-token budget: what an image (or video) costs, exactly as the processor counts it.
 
-Per family (``qwen``, ``idefics3``): the image processor's own counts, a fix where they
-differ from processing, and the inverse, budget to processor settings (checked against
-the real processors in ``tests/test_budget.py``); the user's :class:`Budget` and its
-resize targets (``cost``). The command ``vlmfit tokens`` is :mod:`vlmfit.cli.budget`::
-
-    >>> from vlmfit.models import registry
-    >>> from vlmfit.budget import Budget, image_tokens
-    >>> image_tokens(registry.get("qwen2.5-vl-7b"), 1000, 1000, Budget(max_image_tokens=256))
-    256
+Per family (``qwen``, ``idefics3``): the processor's own counts, a fix where they differ from
+processing, and the inverse, budget to processor settings (checked against the real processors
+in ``tests/test_budget.py``); ``cost``: the user's :class:`Budget` and its resize targets.
 """
 
 from vlmfit.budget.cost import (

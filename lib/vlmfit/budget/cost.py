@@ -105,7 +105,12 @@ def image_tokens(spec: ModelSpec, width: int, height: int, budget: Budget | None
 
     Qwen: ``<|image_pad|>`` count = grid_h * grid_w / 4. Idefics3: ``<image>`` count =
     tiles * tokens-per-tile. With a budget: the cost when the budget is applied the vlmfit
-    way (``budget_size`` pre-resize + ``processor_kwargs``).
+    way (``budget_size`` pre-resize + ``processor_kwargs``). ``vlmfit tokens`` prints it.
+
+    >>> from vlmfit.models import registry
+    >>> from vlmfit.budget import Budget, image_tokens
+    >>> image_tokens(registry.get("qwen2.5-vl-7b"), 1000, 1000, Budget(max_image_tokens=256))
+    256
     """
     if spec.is_qwen:
         if budget is not None and not budget.is_empty():

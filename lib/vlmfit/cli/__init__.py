@@ -1,5 +1,17 @@
 """Command line: ``vlmfit COMMAND ...`` (also ``python -m vlmfit COMMAND ...``).
 
+``HELP``, what ``vlmfit --help`` prints, lists the commands, the flag spellings and the exit
+statuses; ``COMMANDS`` maps each command to its parser here, one module per stage.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+#: ``vlmfit --help``
+HELP = """Command line: ``vlmfit COMMAND ...`` (also ``python -m vlmfit COMMAND ...``).
+
 Commands (``vlmfit COMMAND --help`` for each):
 
     tokens      visual-token cost of an image size for a model
@@ -27,11 +39,6 @@ stage (``budget``, ``data``, ``preprocess``, ``memory``, ``train``, ``report``, 
 the work is done by the stage's functions.
 """
 
-from __future__ import annotations
-
-import importlib
-import sys
-
 #: command -> (module in vlmfit.cli, function)
 COMMANDS = {
     "tokens": ("budget", "cli_tokens"),
@@ -56,7 +63,7 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in {"-h", "--help"}:
-        print(__doc__)
+        print(HELP)
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:

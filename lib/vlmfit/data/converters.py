@@ -1,16 +1,8 @@
 """Converters: one raw record of a known layout into turns in the content-parts layout.
 
-Usage::
-
-    from vlmfit.data.converters import PARSERS, detect_format
-
-    fmt = detect_format(raw)          # 'alpaca', 'llava', 'swift_preference', ... or None
-    draft = PARSERS[fmt](raw)         # draft.messages / draft.chosen / draft.rejected
-
-Like LLaMA-Factory's ``data/converter.py``: one function per layout, registered in one
-table. Media parts keep ``_n`` (the N of ``<image_no_N>``) and ``_src`` (a source carried by
-the part itself) for :func:`vlmfit.data.formats.parse_record`, which binds them to media
-and removes both. The layouts are described in :mod:`vlmfit.data.formats`.
+Like LLaMA-Factory's ``data/converter.py``: one function per layout, registered in one table,
+``PARSERS`` (what a parser returns: the comment above it); :func:`detect_format` picks the
+layout. The layouts are described in :mod:`vlmfit.data.formats`.
 """
 
 from __future__ import annotations
@@ -74,7 +66,13 @@ class RecordError(ValueError):
 
 
 def detect_format(record: Any) -> str | None:
-    """The row format of one raw record from its keys, or ``None`` if unrecognisable."""
+    """The row format of one raw record from its keys, or ``None`` if unrecognisable.
+
+    Usage::
+
+        fmt = detect_format(raw)          # 'alpaca', 'llava', 'swift_preference', ... or None
+        draft = PARSERS[fmt](raw)         # draft.messages / draft.chosen / draft.rejected
+    """
     if not isinstance(record, dict):
         return None
     conv = next((k for k in ("messages", "conversations") if isinstance(record.get(k), list)), None)
@@ -415,6 +413,9 @@ def _cauldron(raw: dict[str, Any]) -> _Draft:
     return _Draft(turns)
 
 
+# Layout -> parser of one raw record into a draft (messages / chosen / rejected). Media parts
+# keep ``_n`` (the N of ``<image_no_N>``) and ``_src`` (a source carried by the part itself)
+# for :func:`vlmfit.data.formats.parse_record`, which binds them to media and removes both.
 PARSERS: dict[str, Callable[[dict[str, Any]], _Draft]] = {
     "llamafactory": _llamafactory,
     "llava": _llamafactory,

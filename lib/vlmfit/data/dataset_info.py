@@ -1,21 +1,8 @@
 """LLaMA-Factory's dataset registry: a ``dataset_dir`` whose ``dataset_info.json`` names datasets.
 
-Usage::
-
-    from vlmfit.data.formats import load_records
-
-    load_records("LLaMA-Factory/data", dataset="mllm_demo")   # or, the same:
-    load_records("LLaMA-Factory/data/mllm_demo")              # DATASET_DIR/NAME
-
-Each entry is read as LLaMA-Factory reads it: ``file_name`` (a file or folder inside the
-dataset_dir), ``formatting`` (``alpaca``, the default, or ``sharegpt``), ``ranking``
-(preference pairs), ``columns`` (which column holds the prompt / query / response / history /
-messages / system / images / videos / chosen / rejected; only declared columns are read,
-with LLaMA-Factory's defaults ``instruction`` / ``input`` / ``output`` / ``conversations``)
-and ``tags`` (the message keys and role names of the sharegpt format, default ``from`` /
-``value`` / ``human`` / ``gpt`` / ``system``). Media paths are relative to the dataset_dir
-(LLaMA-Factory's default ``media_dir``). Hub entries (``hf_hub_url``...) are refused: only
-local files are read.
+``load_records("LLaMA-Factory/data", dataset="mllm_demo")``, or the same as
+``load_records("LLaMA-Factory/data/mllm_demo")``, reads that entry as LLaMA-Factory reads it,
+from local files only. Which keys of an entry are read: docs/data-formats.md.
 """
 
 from __future__ import annotations

@@ -1,19 +1,8 @@
 """Which files of a dataset folder hold records, and the raw rows of each.
 
-Usage::
-
-    from vlmfit.data.files import find_units, read_rows
-
-    units, skipped = find_units(Path("peer_data"), split="train")
-    skipped          # ['peer_data/notes.md: not a data file (.md)', 'peer_data/test.json: ...']
-    rows, problems = read_rows(units[0], str(units[0]))   # [(RECORD, raw record), ...]
-
-Splits follow Hugging Face ``datasets``' rule for a folder of files: a file belongs to the
-split named by a word in its path (``train``/``training``; ``validation``/``valid``/``val``/
-``dev``; ``test``/``testing``/``eval``/``evaluation``: ``sft_train.json``,
-``data/train-00000-of-00001.parquet``, ``test/x.jsonl``), and when no file names a split,
-every file is ``train``. A saved ``DatasetDict`` picks its split by name. Files are only
-read, never written.
+:func:`find_units` picks a folder's data files of one split (by Hugging Face ``datasets``' rule
+for a folder of files); :func:`read_rows` reads the raw rows of one. Files are only read,
+never written.
 """
 
 from __future__ import annotations
@@ -103,7 +92,18 @@ def _walk(root: Path, skipped: list[str]) -> list[Path]:
 
 def find_units(root: Path, split: str | None) -> tuple[list[Path], list[str]]:
     """The data files and saved datasets of folder ``root`` in ``split`` (``None``: all),
-    and one ``PATH: reason`` line for every file left out."""
+    and one ``PATH: reason`` line for every file left out.
+
+    Splits follow Hugging Face ``datasets``' rule for a folder of files: a file belongs to the
+    split named by a word in its path (``train``/``training``; ``validation``/``valid``/``val``/
+    ``dev``; ``test``/``testing``/``eval``/``evaluation``: ``sft_train.json``,
+    ``data/train-00000-of-00001.parquet``, ``test/x.jsonl``), and when no file names a split,
+    every file is ``train``. A saved ``DatasetDict`` picks its split by name. Usage::
+
+        units, skipped = find_units(Path("peer_data"), split="train")
+        skipped   # ['peer_data/notes.md: not a data file (.md)', 'peer_data/test.json: ...']
+        rows, problems = read_rows(units[0], str(units[0]))   # [(RECORD, raw record), ...]
+    """
     skipped: list[str] = []
     if is_saved_dataset(root):
         return [root], skipped

@@ -1,21 +1,8 @@
 """The canonical record every reader produces and every later stage consumes.
 
-A record is one conversation in the Hugging Face "content parts" layout, the one
-chat templates and TRL's VLM collators understand::
-
-    Record(
-        messages=[
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Who?"}]},
-            {"role": "assistant", "content": [{"type": "text", "text": "Kane."}]},
-        ],
-        images=[MediaRef("/abs/path/1.jpg")],
-        source="data.json", index=0, fmt="llamafactory",
-    )
-
-Media parts (``{"type": "image"}`` / ``{"type": "video"}``) appear in ``messages``
-in the same order as ``images`` / ``videos``: the k-th image part is ``images[k]``.
-Preference records (DPO) keep the prompt turns in ``messages`` and one assistant
-turn each in ``chosen`` and ``rejected``.
+A :class:`Record` is one conversation in Hugging Face's "content parts" layout, the one chat
+templates and TRL's VLM collators understand; its docstring shows the layout and how media
+parts bind to ``images`` / ``videos``.
 """
 
 from __future__ import annotations
@@ -44,6 +31,23 @@ class MediaRef:
 
 @dataclass
 class Record:
+    """One conversation in the Hugging Face "content parts" layout::
+
+        Record(
+            messages=[
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Who?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "Kane."}]},
+            ],
+            images=[MediaRef("/abs/path/1.jpg")],
+            source="data.json", index=0, fmt="llamafactory",
+        )
+
+    Media parts (``{"type": "image"}`` / ``{"type": "video"}``) appear in ``messages``
+    in the same order as ``images`` / ``videos``: the k-th image part is ``images[k]``.
+    Preference records (DPO) keep the prompt turns in ``messages`` and one assistant
+    turn each in ``chosen`` and ``rejected``.
+    """
+
     messages: list[dict[str, Any]]
     images: list[MediaRef] = field(default_factory=list)
     videos: list[MediaRef] = field(default_factory=list)

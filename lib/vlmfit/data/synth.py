@@ -1,41 +1,8 @@
-"""The embedded default dataset: procedurally generated "shapes" visual question answering.
+"""The bundled "shapes" visual question answering dataset, generated on demand.
 
-Every sample is one small PNG (default 64x64) with a light-grey background and one to three
-large, saturated, flat-coloured shapes, and one question of a fixed template per type:
-
-=========  ==============================  =========================
-type       question                        answers
-=========  ==============================  =========================
-colour     What colour is the shape?       red / green / blue
-shape      What shape is this?             circle / square / triangle
-position   Where is the shape?             left / middle / right
-count      How many shapes are there?      one / two / three
-=========  ==============================  =========================
-
-Answers are single words, checked by exact match. Within every split each question type gets
-an equal share of the samples and each answer an equal share of its type, exactly by
-construction in the test splits (so chance accuracy is 1/3 per type) and to within one sample
-in the train splits. No (image, question) pair of a test split occurs in a train split.
-Nuisance variation (shape size, position jitter, background grey, slight colour jitter) keeps
-it from being pure memorisation while a tiny randomly initialised VLM still learns it.
-
-The data is written on demand, never committed, in LLaMA-Factory's ShareGPT layout so that
-vlmfit reads it exactly like user data::
-
-    data/shapes/
-        sft_train.json  sft_test.json   [{"messages": [user, assistant], "images": [...]}]
-        dpo_train.json  dpo_test.json   [{"messages": [user], "chosen": {...},
-                                          "rejected": {...}, "images": [...]}]
-        meta.json                       seed, parameters, counts, question types, vocabulary
-        images/{split}_{index:05d}.png  paths in the JSON are relative to the JSON file
-
-Generation is deterministic (same seed: byte-identical JSON and PNGs), atomic (built in a
-temporary folder next to the target, then renamed) and idempotent (an existing folder whose
-``meta.json`` records the same parameters is left alone). Run it with::
-
-    vlmfit data [--out data/shapes] [--seed 0] [--force]
-
-or from Python: ``vlmfit.data.synth.generate("data/shapes", seed=0)``.
+One small PNG per sample with one to three flat-coloured shapes and one templated question
+(colour, shape, position or count), in LLaMA-Factory's ShareGPT layout so that vlmfit reads it
+like user data: ``vlmfit data`` or :func:`generate`. Balance and layout: docs/data-formats.md.
 """
 
 from __future__ import annotations

@@ -1,28 +1,7 @@
 """Validate a dataset: structure of every record and every image / video it points to.
 
-Usage::
-
-    from vlmfit.data.validate import check_dataset
-
-    report = check_dataset("data/shapes/sft_train.json")        # raises DataError listing all
-    report = check_dataset("peer.jsonl", on_error="skip")        # good records + the problems
-    report.records, report.skipped, report.by_reason
-
-or from the shell (exit 0 with a summary, or 1 with one ``FILE:RECORD: reason`` per line)::
-
-    python -m vlmfit check DATA [--model smolvlm] [--format trl] [--split train]
-                                [--dataset NAME] [--skip-bad]
-
-Checks, besides what :mod:`vlmfit.data.formats` rejects while reading: roles in order (a
-system turn only first, then user / assistant alternating from user; SFT conversations end
-with an assistant turn, preference prompts with a user turn and ``chosen`` / ``rejected``
-each one assistant turn), no empty or missing assistant turn, no media in an assistant turn,
-``chosen`` different from ``rejected``, no model's special image / video tokens and no
-grounding markup typed as text, as many media parts as media, and every image fully decoded
-/ every video probed through :mod:`vlmfit.data.media` (once per unique file, in threads),
-with ``max_pixels`` guarding against decompression bombs. With a model, every image and
-video must also be one its processor accepts (Qwen refuses aspect ratios over 200; Idefics3
-takes no video). Token lengths need a tokenizer and are checked by preprocessing, not here.
+:func:`check_dataset` loads and validates a dataset (``vlmfit check`` is its command line);
+:func:`validate_records` checks records already read and lists what is checked.
 """
 
 from __future__ import annotations
@@ -306,6 +285,16 @@ def validate_records(
 
     ``preference=None`` takes each record as it is (SFT or preference); ``True`` / ``False``
     demands one kind. ``require_assistant=False`` accepts prompt-only conversations.
+
+    Checks, besides what :mod:`vlmfit.data.formats` rejects while reading: roles in order (a
+    system turn only first, then user / assistant alternating from user; SFT conversations end
+    with an assistant turn, preference prompts with a user turn and ``chosen`` / ``rejected``
+    each one assistant turn), no empty or missing assistant turn, no media in an assistant
+    turn, ``chosen`` different from ``rejected``, no model's special image / video tokens and
+    no grounding markup typed as text, as many media parts as media, and every image fully
+    decoded / every video probed through :mod:`vlmfit.data.media` (once per unique file, in
+    threads), with ``max_pixels`` guarding against decompression bombs. Token lengths need a
+    tokenizer and are checked by preprocessing, not here.
     """
     problems, _ = _validate(
         list(records),
@@ -342,7 +331,19 @@ def check_dataset(
     there is any; ``"skip"`` returns the good records, with the problems and how many
     records (or whole files) were skipped. ``split`` / ``dataset`` go to
     :func:`~vlmfit.data.formats.load_records`; ``model`` (a registry name) also refuses,
-    per record, media that model's processor refuses.
+    per record, media that model's processor refuses (Qwen refuses aspect ratios over 200;
+    Idefics3 takes no video). What is checked: :func:`validate_records`.
+
+    Usage::
+
+        report = check_dataset("data/shapes/sft_train.json")   # raises DataError listing all
+        report = check_dataset("peer.jsonl", on_error="skip")   # good records + the problems
+        report.records, report.skipped, report.by_reason
+
+    or from the shell (exit 0 with a summary, or 1 with one ``FILE:RECORD: reason`` per line)::
+
+        python -m vlmfit check DATA [--model smolvlm] [--format trl] [--split train]
+                                    [--dataset NAME] [--skip-bad]
     """
     if on_error not in ("fail", "skip"):
         raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")

@@ -1,15 +1,8 @@
 """Models: the registry of supported models, loading them, and offline builders.
 
-- ``registry``: one ``ModelSpec`` per supported model, holding all of its quirks
-  (torch-free; importing it does not import torch);
-- ``loading``: load a model and its processor (hub, tiny or random weights), freeze
-  module groups, LoRA targets;
-- ``builders``: tiny offline models and full-size random-weight architectures;
-- ``processors``: processor loading with and without torchvision;
-- ``configs/``: the published architectures (JSON) that random weights are built from.
-
-``loading``'s functions are re-exported here (``vlmfit.models.load_model``), imported
-on first use so that ``from vlmfit.models import registry`` stays light.
+Submodules ``registry`` (torch-free), ``loading``, ``builders``, ``processors``, and
+``configs/`` (the published architectures random weights are built from). ``loading``'s
+functions are re-exported here, imported on first use so that ``registry`` stays light.
 """
 
 from __future__ import annotations

@@ -1,19 +1,8 @@
 """Offline models: tiny ones for tests and the demo, and full-size random-weight ones.
 
-Nothing here downloads. Both kinds are saved with ``save_pretrained`` and loaded
-back through the same ``from_pretrained`` path that hub models take
-(``vlmfit.models.load_model``), so tests exercise the real loading code.
-
-- ``tiny-<family>``: a few layers (hidden 64), a byte-level BPE tokenizer trained
-  here in milliseconds, the family's real processor class with small image settings.
-- ``WEIGHTS=random``: a registered model's published architecture
-  (``vlmfit/models/configs/<model>.json``) at full size with random weights, for memory and
-  speed measurements. Its special-token ids are remapped to the local tokenizer's ids
-  (all below the published vocabulary size), which changes no tensor shape.
-
-Usage::
-
-    python -c "from vlmfit.models import builders; print(builders.ensure_tiny('tiny-smolvlm'))"
+Nothing here downloads. Both kinds are saved with ``save_pretrained`` and loaded back through
+the same ``from_pretrained`` path that hub models take (``vlmfit.models.load_model``), so tests
+exercise the real loading code. Tiny: :func:`ensure_tiny`; random weights: :func:`random_config`.
 """
 
 from __future__ import annotations
@@ -227,7 +216,13 @@ def _strong_positions(model, std: float | None = None):
 
 
 def ensure_tiny(name: str, cache_dir: str | Path | None = None, seed: int = 0) -> Path:
-    """Build (once) and return the folder of a tiny model, saved with ``save_pretrained``."""
+    """Build (once) and return the folder of a tiny model, saved with ``save_pretrained``.
+
+    ``tiny-<family>``: a few layers (hidden 64), a byte-level BPE tokenizer trained here in
+    milliseconds, the family's real processor class with small image settings. Usage::
+
+        python -c "from vlmfit.models import builders; print(builders.ensure_tiny('tiny-smolvlm'))"
+    """
     import torch
     import transformers
 
@@ -254,7 +249,13 @@ def ensure_tiny(name: str, cache_dir: str | Path | None = None, seed: int = 0) -
 
 
 def random_config(spec: ModelSpec, tokenizer):
-    """The published full-size architecture from ``configs/``, special ids remapped."""
+    """The published full-size architecture from ``configs/``, special ids remapped.
+
+    ``WEIGHTS=random``: a registered model's published architecture
+    (``vlmfit/models/configs/<model>.json``) at full size with random weights, for memory and
+    speed measurements. Its special-token ids are remapped to the local tokenizer's ids (all
+    below the published vocabulary size), which changes no tensor shape.
+    """
     import transformers
 
     if not spec.arch_config:

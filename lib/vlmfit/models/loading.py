@@ -1,12 +1,6 @@
 """Loading models and processors, freezing module groups, and PEFT adapters.
 
-One path for all three sources (``weights``):
-
-- ``hub``: ``from_pretrained(spec.hub_id, revision=spec.revision)`` (the real thing);
-- ``tiny``: a tiny model saved locally by ``vlmfit.models.builders`` and loaded by the same
-  ``from_pretrained`` call;
-- ``random``: the published full-size architecture with random weights, built directly
-  on the target device (memory and speed do not depend on the weights' values).
+One path for all three sources of weights (``hub``, ``tiny``, ``random``): :func:`load_model`.
 """
 
 from __future__ import annotations
@@ -86,7 +80,16 @@ def load_model(
     revision: str | None = None,
     vision_4bit: bool = True,
 ):
-    """Load (or build) the model and its processor (``processor_kwargs``: image settings)."""
+    """Load (or build) the model and its processor (``processor_kwargs``: image settings).
+
+    One path for all three sources (``weights``):
+
+    - ``hub``: ``from_pretrained(spec.hub_id, revision=spec.revision)`` (the real thing);
+    - ``tiny``: a tiny model saved locally by ``vlmfit.models.builders`` and loaded by the
+      same ``from_pretrained`` call;
+    - ``random``: the published full-size architecture with random weights, built directly
+      on the target device (memory and speed do not depend on the weights' values).
+    """
     source, revision = (path, None) if path else resolve_source(spec, weights, revision)
     cls = getattr(transformers, spec.family.model_class)
     rev = {"revision": revision} if revision else {}

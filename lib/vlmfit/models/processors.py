@@ -1,10 +1,7 @@
 """Processor loading that works with and without torchvision.
 
-transformers 5 builds Qwen2-VL's video processor with torchvision. On a CPU-only
-machine whose torch is a local CPU build, PyPI's torchvision does not import, so
-``AutoProcessor`` fails for Qwen models. vlmfit then uses
-``Qwen2VLImageOnlyProcessor``: the same processor without its video part (images
-work exactly as before; videos need torchvision, as in the GPU container).
+Where torchvision does not import, Qwen models get :class:`Qwen2VLImageOnlyProcessor` (why:
+its docstring): images work exactly as before; videos need torchvision.
 """
 
 from __future__ import annotations
@@ -21,7 +18,13 @@ def has_torchvision() -> bool:
 
 
 class Qwen2VLImageOnlyProcessor(Qwen2VLProcessor):
-    """Qwen2-VL / Qwen2.5-VL processor without a video processor (no torchvision)."""
+    """Qwen2-VL / Qwen2.5-VL processor without a video processor (no torchvision).
+
+    transformers 5 builds Qwen2-VL's video processor with torchvision. On a CPU-only
+    machine whose torch is a local CPU build, PyPI's torchvision does not import, so
+    ``AutoProcessor`` fails for Qwen models; vlmfit then uses this processor (images work
+    exactly as before; videos need torchvision, as in the GPU container).
+    """
 
     attributes = ["image_processor", "tokenizer"]  # older 5.x releases read this list
     video_processor_class = None

@@ -1,14 +1,8 @@
 """The model registry: one entry per supported model, holding all of its quirks.
 
-Everything model-specific (hub id and revision, classes, module groups for
-freezing and LoRA targeting, image/video token handling, processor settings,
-chat template) lives here, so the rest of vlmfit never branches on a model
-class. Adding a model is one ``ModelSpec`` in ``MODELS``.
-
-    >>> from vlmfit.models import registry
-    >>> spec = registry.get("smolvlm")
-    >>> spec.family.name, spec.hub_id
-    ('idefics3', 'HuggingFaceTB/SmolVLM-256M-Instruct')
+Everything model-specific (hub id and revision, classes, module groups for freezing and LoRA
+targeting, image/video token handling, processor settings, chat template) lives here, so the
+rest of vlmfit never branches on a model class. Adding a model is one ``ModelSpec`` in ``MODELS``.
 """
 
 from __future__ import annotations
@@ -271,7 +265,13 @@ class UnknownModelError(KeyError):
 
 
 def get(name: str) -> ModelSpec:
-    """Look up a model by registry name (or hub id)."""
+    """Look up a model by registry name (or hub id).
+
+    >>> from vlmfit.models import registry
+    >>> spec = registry.get("smolvlm")
+    >>> spec.family.name, spec.hub_id
+    ('idefics3', 'HuggingFaceTB/SmolVLM-256M-Instruct')
+    """
     if name in MODELS:
         return MODELS[name]
     for spec in MODELS.values():

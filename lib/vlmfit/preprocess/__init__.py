@@ -1,10 +1,8 @@
 """Preprocessing: put every image on a visual-token budget, count sequence lengths exactly,
 apply the over-length policy, and cache the result under a fingerprint of its inputs.
 
-``preprocess(data, model, budget=...)`` runs the stages in order: read, probe media,
-lengths and policy, save media (worker processes), write; ``vlmfit preprocess``
-(:mod:`vlmfit.cli.preprocess`) is its command line. The cache folder's layout, and what
-training must reuse from its manifest, are in docs/preprocess.md.
+``preprocess(data, model, budget=...)`` runs the stages in order; ``vlmfit preprocess`` is its
+command line. The stages, the cache layout and what training reuses: docs/preprocess.md.
 """
 
 from vlmfit.preprocess.cache import PIPELINE_VERSION, file_hash, fingerprint

@@ -1,21 +1,8 @@
-"""The embedded default: the whole vlmfit pipeline offline on CPU, in minutes.
+"""The whole vlmfit pipeline offline on CPU, in minutes: ``make demo`` (or ``vlmfit demo``).
 
-    make demo            (or: vlmfit demo)
-
-1. generates the bundled shapes dataset (data/shapes, deterministic),
-2. preprocesses it for a tiny SmolVLM-architecture model (data report),
-3. SFT of that tiny model: full fine-tuning of its language model and projector (it
-   starts from random weights, so a LoRA adapter alone would have nothing to adapt),
-4. DPO with a LoRA adapter on top of the SFT model (reference = adapter disabled),
-5. writes reports/index.html linking every report, and prints the figures:
-   held-out exact match before SFT, after SFT, after DPO, and what DPO moves: reward
-   accuracy and margin (stored in each run's summary.json and metrics.jsonl).
-
-The demo owns its runs (runs/sft-tiny-smolvlm, runs/dpo-tiny-smolvlm): a rerun replaces
-them. Progress (section, step, loss, ETA) is printed while each notebook runs.
-
-Deterministic under ``seed``. Hyper-parameters below were chosen so that held-out
-exact match rises from chance to >= 0.9 within the time budget on 2 CPU cores.
+Generates and preprocesses the shapes dataset, runs SFT then DPO of a tiny SmolVLM-architecture
+model, writes reports/index.html and prints held-out exact match before SFT, after SFT and after
+DPO. A rerun replaces the demo's runs. Each step: vlmfit.report.demo.run_demo.
 """
 
 from __future__ import annotations
@@ -27,6 +14,8 @@ import time
 from pathlib import Path
 
 MODEL = "tiny-smolvlm"
+# The hyper-parameters below were chosen so that held-out exact match rises from chance to
+# >= 0.9 within the time budget on 2 CPU cores.
 # Full fine-tuning of the language model and projector (the tiny model starts from random
 # weights; the vision tower stays frozen: training it at these rates destroyed colour).
 SFT = {
@@ -55,7 +44,21 @@ DPO = {
 
 
 def run_demo(reports: str = "reports", seed: int = 0, model: str = MODEL) -> int:
-    """The demo (module docstring); 0 when its targets were met, else 1."""
+    """The demo; 0 when its targets were met, else 1.
+
+    1. generates the bundled shapes dataset (data/shapes, deterministic),
+    2. preprocesses it for a tiny SmolVLM-architecture model (data report),
+    3. SFT of that tiny model: full fine-tuning of its language model and projector (it
+       starts from random weights, so a LoRA adapter alone would have nothing to adapt),
+    4. DPO with a LoRA adapter on top of the SFT model (reference = adapter disabled),
+    5. writes reports/index.html linking every report, and prints the figures:
+       held-out exact match before SFT, after SFT, after DPO, and what DPO moves: reward
+       accuracy and margin (stored in each run's summary.json and metrics.jsonl).
+
+    The demo owns its runs (runs/sft-tiny-smolvlm, runs/dpo-tiny-smolvlm): a rerun replaces
+    them. Progress (section, step, loss, ETA) is printed while each notebook runs.
+    Deterministic under ``seed``.
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo never touches a hub
     from vlmfit import report
     from vlmfit.data import synth

@@ -1,16 +1,8 @@
 """The training stage: SFT and DPO through TRL's trainers, with PEFT adapters, in run folders.
 
 The notebooks call ``train.run(cfg)``; the CLI is ``vlmfit train`` (:mod:`vlmfit.cli.train`).
-What vlmfit adds on top of TRL: the model registry (module groups, LoRA targets), assistant-only
-loss checked for every family, a separate learning rate for projector / embeddings, DPO's
-reference model as the base with the adapter disabled, memory in the metrics log,
-evaluation by generation, and run folders that resume.
-
-Modules: ``data`` (the preprocessed cache as a dataset), ``model`` (model, adapters,
-optimizer), ``trainer`` (TRL config, trainer, metrics callback), ``pipeline`` (``run``:
-one run step by step), ``merge``; ``evaluate``, ``runs`` (run folders),
-``collate``, ``packing``, ``fastpath`` and ``distributed``. The names below load on first
-use, so that ``vlmfit.train.runs`` (read by reports and preprocessing) imports no torch.
+What vlmfit adds on top of TRL, and the modules: docs/architecture.md. The names below load on
+first use, so that ``vlmfit.train.runs`` (read by reports and preprocessing) imports no torch.
 """
 
 from __future__ import annotations

@@ -1,20 +1,8 @@
 """Video records through TRL's vision-language collator (Qwen2-VL / Qwen2.5-VL SFT).
 
-TRL's ``DataCollatorForVisionLanguageModeling`` hands the processor images only.
-:class:`VideoCollator` wraps it and changes two things for batches that hold a video:
-
-- each record's frames (the cache's ``videos/<n>/000.jpg, 001.jpg, ...``, decoded here, in
-  the DataLoader's workers) fill its ``{"type": "video"}`` content parts, in order, where
-  the processor's ``apply_chat_template`` takes videos from;
-- that call also gets ``videos_kwargs``: preprocessing's ``video_processor_kwargs`` as
-  ``size`` (every saved frame is a fixed point of the video processor's resize, so the
-  ``<|video_pad|>`` count is the one preprocessing counted), no frame sampling (the frames
-  are the sampled ones) and each video's ``video_metadata`` (its frame count at the
-  sampling rate, which Qwen2.5-VL's temporal positions read).
-
-Everything else is TRL's collator as is: chat template, padding, images, and the
-assistant-only labels (video tokens, like image tokens, get none). Batches without a
-video go straight to it.
+TRL's ``DataCollatorForVisionLanguageModeling`` hands the processor images only;
+:class:`VideoCollator` wraps it and fills in each record's video frames (what it changes: its
+docstring). Batches without a video go straight to TRL's collator.
 """
 
 from __future__ import annotations
@@ -97,7 +85,23 @@ class _WithVideosKwargs:
 
 class VideoCollator:
     """TRL's vision-language collator for records with ``videos`` (lists of frame paths)
-    and ``video_kwargs`` (see :func:`vlmfit.train.load_prepared`)."""
+    and ``video_kwargs`` (see :func:`vlmfit.train.load_prepared`).
+
+    For batches that hold a video it changes two things:
+
+    - each record's frames (the cache's ``videos/<n>/000.jpg, 001.jpg, ...``, decoded here, in
+      the DataLoader's workers) fill its ``{"type": "video"}`` content parts, in order, where
+      the processor's ``apply_chat_template`` takes videos from;
+    - that call also gets ``videos_kwargs``: preprocessing's ``video_processor_kwargs`` as
+      ``size`` (every saved frame is a fixed point of the video processor's resize, so the
+      ``<|video_pad|>`` count is the one preprocessing counted), no frame sampling (the frames
+      are the sampled ones) and each video's ``video_metadata`` (its frame count at the
+      sampling rate, which Qwen2.5-VL's temporal positions read).
+
+    Everything else is TRL's collator as is: chat template, padding, images, and the
+    assistant-only labels (video tokens, like image tokens, get none). Batches without a
+    video go straight to it.
+    """
 
     def __init__(self, collator):
         self.collator = collator

@@ -1,16 +1,8 @@
 """Training on several GPUs (or machines) through ``accelerate launch``: DDP, FSDP2, ZeRO-3.
 
-    vlmfit launch --nproc 2 --dist ddp -- --model smolvlm --finetune lora
-    make sft MODEL=smolvlm NPROC=2 DIST=fsdp2            # the same through the Makefile
-
-vlmfit has no distributed engine of its own: the launcher checks everything once (the
-accelerate config, DeepSpeed for ZeRO-3, the GPU count, the run configuration, run
-protection), then runs ``accelerate launch --config_file accelerate/<dist>.yaml
---num_processes N -m vlmfit train ...``; every rank runs the ordinary CLI and the Trainer
-does data parallelism, sharding and checkpoints. The helpers below are what ``vlmfit.train``
-needs to behave under several processes (rank-0 writes, main process first, a per-rank
-log of the samples each rank trained on). In one process (``WORLD_SIZE`` unset) every
-helper is a no-op: no process group, no ``PartialState``. Multi-node: docs/distributed.md.
+``vlmfit launch`` checks everything once, then runs ``vlmfit train`` on every rank, where the
+Trainer does data parallelism, sharding and checkpoints. The helpers here make it behave under
+several processes and are no-ops in one (``WORLD_SIZE`` unset). See docs/distributed.md.
 """
 
 from __future__ import annotations

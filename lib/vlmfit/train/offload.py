@@ -1,13 +1,7 @@
 """What a run can keep in host memory instead of the GPU's: the checkpointed layer inputs
 (``RunConfig.activation_offloading``) and a frozen input-embedding table (``host_embeddings``).
 
-With gradient checkpointing a decoder layer keeps only its input until the backward pass
-(Qwen2.5-VL-7B, micro-batch 4: 28 x 55 MB). :func:`offloaded_checkpoint` replaces the
-layers' checkpoint function: the input is copied to pinned host memory on a side stream
-while the layer runs, and copied back one layer ahead of the backward pass that needs it,
-so neither copy waits on the compute stream. Everything else the layer saves is
-recomputed, as with ``torch.utils.checkpoint``. Only tensors go through the host; the
-layer's other arguments (masks, rotary tables, positions) stay where they are.
+How the layer inputs travel: :func:`offloaded_checkpoint`; the table: :class:`HostEmbedding`.
 """
 
 from __future__ import annotations
@@ -133,6 +127,13 @@ def _needs_grad(value) -> bool:
 def offloaded_checkpoint(run, hidden, *args):
     """A ``_gradient_checkpointing_func`` for transformers' checkpointed layers: ``run`` is
     the layer's forward with its keyword arguments bound, ``hidden`` its input.
+
+    With gradient checkpointing a decoder layer keeps only its input until the backward pass
+    (Qwen2.5-VL-7B, micro-batch 4: 28 x 55 MB). Here the input is copied to pinned host
+    memory on a side stream while the layer runs, and copied back one layer ahead of the
+    backward pass that needs it, so neither copy waits on the compute stream. Everything else
+    the layer saves is recomputed, as with ``torch.utils.checkpoint``. Only tensors go through
+    the host; the layer's other arguments (masks, rotary tables, positions) stay where they are.
 
     Falls back to non-reentrant checkpointing where offloading the input alone would lose a
     gradient (another argument needs one, or the input itself does not) and runs the layer

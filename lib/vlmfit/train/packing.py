@@ -1,19 +1,8 @@
 """Padding-free SFT batches: a micro-batch's samples as one row, attention kept within each.
 
-``RunConfig.packing``. A forward pre-hook on the trained model turns the collator's padded
-batch (B x L) into one row of its real tokens (1 x T) just before the model runs:
-
-- positions are the model's own, computed on the padded batch, so they restart in each
-  sample (Qwen: its 3D multimodal RoPE from ``get_rope_index``), with transformers'
-  text-position row in front (``position_ids`` of shape (4, 1, T) for Qwen). From the
-  restarts transformers confines attention to each sample (a block-causal mask for SDPA);
-- the first token of each sample is not a target of the previous sample's last token;
-- the attention mask is dropped and the KV cache off: the positions carry the boundaries.
-
-Images are untouched (their features fill the image tokens in order), so TRL's collator and
-trainer stay as they are; TRL and Unsloth refuse packing with images. On a GPU the language
-model's attention runs as one causal varlen kernel over the row (``fastpath``), so no work
-goes to padding or across samples. SFT only: DPO scores each sequence of a (B, L) batch.
+``RunConfig.packing``: :func:`enable` puts a forward pre-hook on the trained model that turns
+the collator's padded batch (B x L) into one row of its real tokens (1 x T) just before the
+model runs; how: :func:`pack`. SFT only: DPO scores each sequence of a (B, L) batch.
 """
 
 from __future__ import annotations
@@ -26,7 +15,19 @@ PADDED_KEYS = ("labels", "mm_token_type_ids", "token_type_ids")
 
 
 def pack(inner, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The model inputs of a padded batch as one padding-free row (see the module doc).
+    """The model inputs of a padded batch as one padding-free row.
+
+    - positions are the model's own, computed on the padded batch, so they restart in each
+      sample (Qwen: its 3D multimodal RoPE from ``get_rope_index``), with transformers'
+      text-position row in front (``position_ids`` of shape (4, 1, T) for Qwen). From the
+      restarts transformers confines attention to each sample (a block-causal mask for SDPA);
+    - the first token of each sample is not a target of the previous sample's last token;
+    - the attention mask is dropped and the KV cache off: the positions carry the boundaries.
+
+    Images are untouched (their features fill the image tokens in order), so TRL's collator
+    and trainer stay as they are; TRL and Unsloth refuse packing with images. On a GPU the
+    language model's attention runs as one causal varlen kernel over the row (``fastpath``),
+    so no work goes to padding or across samples.
 
     ``inner`` is the model holding ``get_rope_index`` for Qwen (None or another model:
     1D positions). A batch without a 2D attention mask is returned unchanged."""

@@ -1,16 +1,7 @@
 """Run folders: ``runs/<run-id>/`` with config, metrics, environment and the adapter.
 
-Layout::
-
-    runs/<run-id>/
-        config.json        resolved configuration and where each value came from
-        environment.json   lock hash, git commit, torch/transformers/trl/peft versions, GPU
-        metrics.jsonl      one JSON object per logging step (loss, lr, grad_norm, memory)
-        checkpoints/       Trainer checkpoints every save_steps (RESUME=1 continues)
-        adapter/           PEFT adapter: adapter_config.json + adapter_model.safetensors
-                           (or the full model for finetune=full), plus the processor
-        eval.json          evaluation results (before / after)
-        summary.json       model, method, peak memory, runtime, evaluation metrics
+Making one ready without ever replacing a run silently (:func:`prepare_run_dir`), the
+environment record and the metrics log. The folder's layout: docs/architecture.md.
 """
 
 from __future__ import annotations

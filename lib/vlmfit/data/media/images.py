@@ -1,11 +1,8 @@
 """Images: open fully decoded, EXIF-oriented and in RGB (:func:`open_image`), read the
 oriented size from the header only (:func:`image_size`), and the one high-quality resize.
 
-Pillow's process-wide settings are left alone: truncated files are errors and the
-decompression-bomb limit is our own per-call ``max_pixels``, checked on the header.
-Not ``transformers.image_utils.load_image`` (the same EXIF turn and RGB): for user data
-vlmfit needs errors naming the file and their kind, truncation and colour-profile
-handling, and the size from the header without decoding.
+Pillow's process-wide settings are left alone (why, and why not transformers' ``load_image``:
+:func:`open_image`).
 """
 
 from __future__ import annotations
@@ -221,6 +218,12 @@ def open_image(ref: ImageInput, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) 
     is checked on the header before any pixel is decoded.
 
     Raises :class:`MediaError` (missing, empty, corrupt, truncated, unsupported, too large).
+
+    Pillow's process-wide settings are left alone: truncated files are errors and the
+    decompression-bomb limit is our own per-call ``max_pixels``, checked on the header.
+    Not ``transformers.image_utils.load_image`` (the same EXIF turn and RGB): for user data
+    vlmfit needs errors naming the file and their kind, truncation and colour-profile
+    handling, and the size from the header without decoding.
     """
     src = resolve(ref, "image")
     if src.image is not None:

@@ -1,10 +1,6 @@
 """Videos through PyAV: metadata (:func:`probe_video`), and frames sampled uniformly in
 time (:func:`sample_video`), seeking on long videos yet picking the frames a sequential
-decode would.
-
-Not ``transformers.video_utils.load_video``: its PyAV reader decodes from the start to
-the last frame it picks (no seeking), picks by frame index rather than time, ignores the
-display rotation and names no file in its errors.
+decode would (why not transformers' ``load_video``: :func:`sample_video`).
 """
 
 from __future__ import annotations
@@ -344,6 +340,10 @@ def sample_video(
     Deterministic: seeking (long videos with a keyframe index) picks exactly the frames a
     full sequential decode would, and never holds more than two decoded frames besides the
     results.
+
+    Not ``transformers.video_utils.load_video``: its PyAV reader decodes from the start to
+    the last frame it picks (no seeking), picks by frame index rather than time, ignores the
+    display rotation and names no file in its errors.
     """
     src = resolve(ref, "video")
     info = probe_video(ref)
