@@ -122,16 +122,12 @@ def build_model(cfg: RunConfig):
             model = PeftModel.from_pretrained(model, adapter_init, is_trainable=True)
         else:
             model = get_peft_model(model, lora_config(cfg, model, spec))
-    model.vlmfit_offloaded_layers = 0
-    if fastpath.offloads_layer_inputs(cfg):
-        from vlmfit.train import offload
+    from vlmfit.train import offload
 
-        model.vlmfit_offloaded_layers = offload.enable(model)
-    model.vlmfit_host_embeddings = 0
-    if fastpath.uses_host_embeddings(cfg):
-        from vlmfit.train import offload
-
-        model.vlmfit_host_embeddings = offload.host_embeddings(model)
+    offloads = fastpath.offloads_layer_inputs(cfg)
+    model.vlmfit_offloaded_layers = offload.enable(model) if offloads else 0
+    host = fastpath.uses_host_embeddings(cfg)
+    model.vlmfit_host_embeddings = offload.host_embeddings(model) if host else 0
     vision_parts: list[str] = []
     if fastpath.vision_runs_without_grad(cfg):
         vision_parts = fastpath.vision_without_autograd(model, spec, cfg.vision_chunk)

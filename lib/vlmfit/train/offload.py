@@ -74,7 +74,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         if len(_pending) >= _MAX_PENDING:
             _pending.clear()
         _pending.append(stash)
-        ctx.run, ctx.stash, ctx.args, ctx.n_args = run, stash, args, len(args)
+        ctx.run, ctx.stash, ctx.args = run, stash, args
         ctx.rng = _rng_state(hidden.device)
         with torch.no_grad():
             return run(hidden, *args)
@@ -101,8 +101,9 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             if isinstance(o, torch.Tensor) and o.requires_grad and g is not None
         ]
         torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        n_args = len(ctx.args)
         ctx.run = ctx.args = ctx.stash = None
-        return (None, hidden.grad) + (None,) * ctx.n_args
+        return (None, hidden.grad) + (None,) * n_args
 
 
 def _rng_state(device: torch.device):

@@ -244,7 +244,8 @@ def summarize(
     trainer, log, model = fit.trainer, fit.log, built.model
     env = data.env
     train_peak = fit.per_step.peak if torch.cuda.is_available() else None
-    tokens_per_s = _tokens_per_s(log, fit.train_s)
+    records = log.read()  # metrics.jsonl, read once
+    tokens_per_s = _tokens_per_s(records, fit.train_s)
     return {
         "run": cfg.run_id,
         "model": cfg.model,
@@ -262,10 +263,10 @@ def summarize(
         "peak_memory_gib": _peak_memory(log),
         "train_peak_memory_gib": train_peak,
         "tokens_per_s": tokens_per_s,
-        "tokens_per_s_wall": _tokens_per_s_wall(log, fit.train_s),
+        "tokens_per_s_wall": _tokens_per_s_wall(records, fit.train_s),
         "memory_growth": memory.growth(runs.MetricsLog(out / "memory.jsonl").read()),
         "tokens_per_sample": sum(data.train["length"]) / max(len(data.train), 1),
-        "data_wait_fraction": _wait_fraction(log),
+        "data_wait_fraction": _wait_fraction(records),
         "mfu": fastpath.mfu(tokens_per_s, built.n_language, env["gpu"]) if tokens_per_s else None,
         "levers": fastpath.applied_levers(
             cfg,
@@ -295,31 +296,31 @@ def _floats(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
 
 
-def _tokens_per_s(log: runs.MetricsLog, train_s: float) -> float | None:
+def _tokens_per_s(records: list[dict], train_s: float) -> float | None:
     """Steady-state tokens/s from TRL's ``num_tokens`` log: the median rate of the logging
     intervals after the first two (warm-up: allocator growth, kernel autotuning), as a GPU
     loop reports its median step. Checkpoint saves and evaluations fall outside it; the
     whole run's rate is ``tokens_per_s_wall``."""
     import statistics
 
-    pts = [(r["time"], r["num_tokens"]) for r in log.read() if "num_tokens" in r]
+    pts = [(r["time"], r["num_tokens"]) for r in records if "num_tokens" in r]
     rates = [
         (n1 - n0) / (t1 - t0) for (t0, n0), (t1, n1) in zip(pts, pts[1:], strict=False) if t1 > t0
     ][2:]
     if rates:
         return statistics.median(rates)
-    return _tokens_per_s_wall(log, train_s)
+    return _tokens_per_s_wall(records, train_s)
 
 
-def _tokens_per_s_wall(log: runs.MetricsLog, train_s: float) -> float | None:
+def _tokens_per_s_wall(records: list[dict], train_s: float) -> float | None:
     """Tokens of the whole run over its training time (warm-up, saves and evaluations in)."""
-    pts = [r["num_tokens"] for r in log.read() if "num_tokens" in r]
+    pts = [r["num_tokens"] for r in records if "num_tokens" in r]
     return pts[-1] / train_s if pts and train_s > 0 else None
 
 
-def _wait_fraction(log: runs.MetricsLog) -> float | None:
+def _wait_fraction(records: list[dict]) -> float | None:
     """Share of the steady-state time spent between steps (first log dropped: warm-up)."""
-    pts = [(r["step_s"], r["data_wait_s"]) for r in log.read() if "data_wait_s" in r][1:]
+    pts = [(r["step_s"], r["data_wait_s"]) for r in records if "data_wait_s" in r][1:]
     if not pts:
         return None
     step, wait = (sum(x) for x in zip(*pts, strict=True))
