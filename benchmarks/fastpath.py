@@ -282,6 +282,42 @@ SUITES["run7-smol-host"] = [
     {**_SMOL, "finetune": "lora", "mb": 12, "steps": 40, "logging_steps": 5},
     {**_SMOL, "path": "vlmfit-loop", "finetune": "lora", "mb": 12},
 ]  # fmt: skip
+# Run 8: steps without host-GPU syncs (RunConfig.sync_free), SmolVLM against its GPU loop;
+# "trace" rows are diagnoses (kernel timeline, syncs per step), not measurements
+_SYNC_OFF = {"sync_free": False}
+SUITES["run8-smol"] = [
+    {**_SMOL, "path": "vlmfit-loop", "finetune": "lora", "mb": 12},
+    {**_SMOL, "finetune": "lora", "mb": 12, "steps": 30, "over": _SYNC_OFF},
+    {**_SMOL, "finetune": "lora", "mb": 12, "steps": 30},
+    {**_SMOL, "path": "vlmfit-loop", "finetune": "lora", "mb": 12},
+]  # fmt: skip
+SUITES["run8-trace"] = [
+    {**_SMOL, "path": "vlmfit-loop", "finetune": "lora", "mb": 12, "trace": True},
+    {**_SMOL, "finetune": "lora", "mb": 12, "steps": 20, "trace": True},
+]  # fmt: skip
+# Run 8: what else slows the end-to-end step on the host (one H200, 16 cores)
+SUITES["run8-host"] = [
+    {**_SMOL, "path": "vlmfit-loop", "finetune": "lora", "mb": 12},
+    {**_SMOL, "finetune": "lora", "mb": 12, "steps": 30},
+    {**_SMOL, "finetune": "lora", "mb": 12, "steps": 30, "over": {"dataloader_num_workers": 4}},
+    {**_SMOL, "finetune": "lora", "mb": 12, "steps": 30, "env": {"OMP_NUM_THREADS": "2"}},
+    {**_SMOL, "path": "vlmfit-loop", "finetune": "lora", "mb": 12},
+]  # fmt: skip
+# Run 8, the last command: every default (sync_free on) against the GPU loop, the plain
+# recipe and Unsloth ("run8-unsloth"), SmolVLM and the 7B one GPU each
+SUITES["run8-final-smol"] = [
+    {**_SMOL, "path": "vlmfit-loop", "finetune": "lora", "mb": 12},
+    {**_SMOL, "finetune": "lora", "mb": 12, "steps": 30},
+    {**_SMOL, "finetune": "qlora", "mb": 12, "steps": 30},
+    {**_SMOL, "path": "vlmfit-loop", "finetune": "lora", "mb": 12},
+    {**_SMOL, "finetune": "lora", "mb": 12, "steps": 30, "over": _SYNC_OFF},
+]  # fmt: skip
+SUITES["run8-final-7b"] = [
+    {**_Q7, "path": "vlmfit", "finetune": "lora", "mb": 4, "steps": 20},
+    {**_Q7, "path": "vlmfit-loop", "finetune": "lora", "mb": 4},
+    {**_Q7, "path": "plain", "finetune": "lora", "mb": 4},
+]  # fmt: skip
+SUITES["run8-unsloth"] = [{**_Q7, "path": "vlmfit", "finetune": "lora", "mb": 4, "steps": 20}]
 SUITES["all"] = [c for k in ("smolvlm", "qwen7b", "qwen7b-qlora") for c in SUITES[k]]
 
 
@@ -426,7 +462,7 @@ def loop_setup(case: dict, data: Path):
     return model, batch, step, cfg
 
 
-def gpu_loop(case: dict, data: Path, steps: int = 6, warmup: int = 2) -> dict:
+def gpu_loop(case: dict, data: Path, steps: int = 10, warmup: int = 2) -> dict:
     import torch
 
     model, batch, step, cfg = loop_setup(case, data)
@@ -456,15 +492,36 @@ def gpu_loop(case: dict, data: Path, steps: int = 6, warmup: int = 2) -> dict:
 
             step(mark)
         row["phases_s"] = {k: sorted(v)[1] for k, v in spans.items()}
+    if case.get("trace"):
+        row["trace"] = _trace_loop(step)
     row["vision_attention"] = getattr(model, "vlmfit_vision_attention", None)
     return row
+
+
+def _trace_loop(step, steps: int = 3) -> dict:
+    """``case["trace"]``: the loop's kernel timeline over ``steps`` back-to-back steps and
+    its host-GPU syncs per step (benchmarks/tracing.py)."""
+    import torch
+    import tracing
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+    with profile(activities=activities) as prof, tracing.HostSampler() as host:
+        for _ in range(steps):
+            host.mark()
+            step()
+        torch.cuda.synchronize()
+    with tracing.SyncLog() as syncs:
+        step()
+    return tracing.busy(prof, sampler=host) | {"syncs_per_step": syncs.per_step(1)}
 
 
 def end_to_end(case: dict, data: Path) -> dict:
     import torch
 
     from vlmfit import train
-    from vlmfit.config import resolve
+    from vlmfit.config import RunConfig, resolve
 
     dpo = case["path"].endswith("dpo")
     over = {
@@ -479,7 +536,7 @@ def end_to_end(case: dict, data: Path) -> dict:
         "runs_dir": str(data.parent / "runs"),
         "per_device_train_batch_size": case["mb"],
         "max_steps": case["steps"],
-        "logging_steps": case.get("logging_steps", 1),
+        "logging_steps": case.get("logging_steps", RunConfig.logging_steps),
         "save_steps": 10_000,
         "overwrite": True,
         "lora_alpha": 16,
@@ -489,6 +546,7 @@ def end_to_end(case: dict, data: Path) -> dict:
         over |= PLAIN | ({"qlora_upcast": True} if case["finetune"] == "qlora" else {})
     cfg, _ = resolve(over)
     phases = _time_phases() if case.get("profile") else None
+    trace = _trace_steps(case["steps"]) if case.get("trace") else None
     s = train.run(cfg, progress=False)
     peak = s["train_peak_memory_gib"]
     reserved = torch.cuda.max_memory_reserved() / 2**30
@@ -500,7 +558,53 @@ def end_to_end(case: dict, data: Path) -> dict:
     row["levers"] = {k: v for k, v in s["levers"].items() if k != "vision_no_grad_modules"}
     if phases is not None:
         row["phases_s"] = phases()
+    if trace is not None:
+        row["trace"] = trace
     return row
+
+
+def _trace_steps(steps: int, n: int = 3) -> dict:
+    """``case["trace"]``: the Trainer's kernel timeline over ``n`` steps near the end of the
+    run, then its host-GPU syncs per step over the next ``n`` (benchmarks/tracing.py). A
+    diagnosis: the traced steps run slower, so the case's tokens/s is not a measurement."""
+    import torch
+    import tracing
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import TrainerCallback
+
+    from vlmfit.train import pipeline
+
+    first = max(4, steps - 2 * n - 2)
+    out: dict = {}
+
+    class Trace(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == first:
+                torch.cuda.synchronize()
+                self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+                self.prof.__enter__()
+                self.host = tracing.HostSampler().__enter__()
+            if first <= state.global_step < first + n:
+                self.host.mark()
+            elif state.global_step == first + n:
+                torch.cuda.synchronize()
+                self.host.__exit__(None, None, None)
+                self.prof.__exit__(None, None, None)
+                out.update(tracing.busy(self.prof, sampler=self.host))
+                self.syncs = tracing.SyncLog().__enter__()
+            elif state.global_step == first + 2 * n:
+                self.syncs.__exit__(None, None, None)
+                out["syncs_per_step"] = self.syncs.per_step(n)
+
+    original = pipeline.build_trainer
+
+    def build_trainer(*a, **k):
+        trainer = original(*a, **k)
+        trainer.add_callback(Trace())
+        return trainer
+
+    pipeline.build_trainer = build_trainer
+    return out
 
 
 def _time_phases():
@@ -683,7 +787,7 @@ def main(argv: list[str] | None = None) -> int:
             [sys.executable, __file__, "--case", json.dumps(case), "--work", str(work)],
             capture_output=True,
             text=True,
-            env=os.environ | {"PYTHONUNBUFFERED": "1"},
+            env=os.environ | {"PYTHONUNBUFFERED": "1"} | case.get("env", {}),
         )
         found = [ln[4:] for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
         row = (

@@ -454,6 +454,7 @@ def applied_levers(
         "offloaded_layer_inputs": offloaded_layers,  # vlmfit.train.offload (0: TRL's or off)
         "host_embeddings_gib": round(host_embeddings / 2**30, 3),  # the table moved off the GPU
         "fused_lm_head": True,  # TRL's trainers always score through it
+        "sync_free": cfg.sync_free,
         "dataloader_num_workers": workers,
         "dataloader_prefetch_factor": cfg.dataloader_prefetch_factor if workers else None,
         "pin_memory": torch.cuda.is_available(),

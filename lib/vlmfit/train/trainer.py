@@ -79,6 +79,7 @@ def training_args(cfg: RunConfig, out: Path, n_train: int, progress: bool = True
     from trl import DPOConfig, SFTConfig
 
     workers = fastpath.dataloader_workers(cfg.dataloader_num_workers)
+    pin = torch.cuda.is_available()
     if cfg.dataloader_num_workers is None and distributed.is_distributed():
         # auto counts this machine's cores: its processes share them
         workers //= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -108,7 +109,11 @@ def training_args(cfg: RunConfig, out: Path, n_train: int, progress: bool = True
         dataloader_num_workers=workers,
         dataloader_prefetch_factor=cfg.dataloader_prefetch_factor if workers else None,
         dataloader_persistent_workers=workers > 0,
-        dataloader_pin_memory=torch.cuda.is_available(),
+        dataloader_pin_memory=pin,
+        # sync_free: batches copied to the GPU without the host waiting, the NaN filter of the
+        # logged loss on the GPU (vlmfit.train.syncfree)
+        accelerator_config={"non_blocking": pin and cfg.sync_free},
+        logging_nan_inf_filter=not cfg.sync_free,
         train_sampling_strategy=cfg.train_sampling_strategy,
         length_column_name="length",
         activation_offloading=fastpath.trl_offloading(cfg),  # else train.offload's
@@ -129,6 +134,8 @@ def build_trainer(
 ):
     from trl import DPOTrainer, SFTTrainer
 
+    from vlmfit.train import syncfree
+
     args = training_args(cfg, out, len(train_ds), progress)
     optimizer = make_optimizer(cfg, model)
     kwargs: dict[str, Any] = dict(
@@ -142,7 +149,10 @@ def build_trainer(
     if optimizer is not None:
         kwargs["optimizers"] = (optimizer, None)
     # PEFT model + no ref_model: DPO's reference is the base with the adapter disabled.
-    trainer = SFTTrainer(**kwargs) if cfg.method == "sft" else DPOTrainer(**kwargs)
+    if cfg.method == "sft":
+        trainer = (syncfree.sft_trainer_class() if cfg.sync_free else SFTTrainer)(**kwargs)
+    else:
+        trainer = (syncfree.dpo_trainer_class() if cfg.sync_free else DPOTrainer)(**kwargs)
     trainer.data_collator = fastpath.WorkerCollator(
         video_collator(trainer.data_collator, train_ds), torch_dtype(cfg)
     )
