@@ -574,7 +574,9 @@ def _trace_steps(steps: int, n: int = 3) -> dict:
 
     from vlmfit.train import pipeline
 
-    first = max(4, steps - 2 * n - 2)
+    first = steps - 2 * n - 2
+    if first < 2:
+        raise ValueError(f"a trace case needs at least {2 * n + 4} steps")
     out: dict = {}
 
     class Trace(TrainerCallback):

@@ -57,9 +57,9 @@ def test_sync_free_steps_log_what_trls_loss_logs_and_train_the_same_weights(
     assert len(own_logs) == len(trl_logs) == 2
     for a, b in zip(own_logs, trl_logs, strict=True):
         for key in ("loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens"):
-            assert math.isclose(a[key], b[key], rel_tol=1e-5, abs_tol=1e-7), (key, a, b)
+            assert a[key] == b[key], (key, a, b)  # the same operations, in the same order
     assert own_logs[-1]["num_tokens"] > own_logs[0]["num_tokens"] > 0
-    assert 0 < own_logs[0]["mean_token_accuracy"] <= 1 or own_logs[0]["mean_token_accuracy"] == 0
+    assert all(math.isfinite(r["entropy"]) and r["entropy"] > 0 for r in own_logs)
     assert own_w.keys() == trl_w.keys()
     for name in own_w:
         torch.testing.assert_close(own_w[name], trl_w[name], rtol=1e-5, atol=1e-6, msg=name)
@@ -116,28 +116,31 @@ def test_the_training_loop_asks_the_gpu_for_no_value_between_logs(
     if sync_free:
         assert calls == []
     else:  # TRL's metrics and the Trainer's NaN filter: what sync_free removes
-        assert any("sft_trainer.py" in c for c in calls) and any("trainer.py" in c for c in calls)
+        assert any(c.startswith("sft_trainer.py:") for c in calls)
+        assert any(c.startswith("trainer.py:") for c in calls)
 
 
-def test_a_non_finite_step_logs_the_running_mean_as_the_trainer_filter_does(
-    shapes, tiny_cache, tmp_path
+def test_a_non_finite_step_logs_what_the_trainer_nan_filter_logs(
+    shapes, tiny_cache, tmp_path, monkeypatch
 ):
-    from vlmfit.train import syncfree
+    """Step 2's micro-batch losses read as NaN (its gradients stay finite): the logged loss
+    with the GPU-side filter equals the Trainer's own filter's, and stays finite."""
+    import transformers
 
-    class Base:
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            return inputs
+    original = transformers.Trainer.training_step
 
-    class Steps(syncfree.SyncFreeSteps, Base):
-        pass
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = original(self, model, inputs, num_items_in_batch)
+        return torch.full_like(loss, float("nan")) if self.state.global_step == 1 else loss
 
-    steps = Steps()
-    steps._tr_loss = torch.tensor(6.0)
-    steps._globalstep_last_logged = 4
-    steps.state = type("S", (), {"global_step": 6})()
-    assert steps.training_step(None, torch.tensor(float("nan"))).item() == 2.0
-    assert steps.training_step(None, torch.tensor(float("inf"))).item() == 2.0
-    assert steps.training_step(None, torch.tensor(1.5)).item() == 1.5
+    monkeypatch.setattr(transformers.Trainer, "training_step", training_step)
+    logs = {}
+    for sync_free in (False, True):
+        cfg = _cfg(shapes, tmp_path / str(sync_free), sync_free=sync_free, run="r")
+        train.run(cfg, progress=False)
+        logs[sync_free] = [r["loss"] for r in _logged(cfg)]
+    assert logs[True] == logs[False]
+    assert all(math.isfinite(v) for v in logs[True])
 
 
 @pytest.mark.gpu
