@@ -102,6 +102,7 @@ class RunConfig:
     fused_lora: bool = True  # LoRA as one addmm on the bf16 input: no fp32 copies per layer
     packing: bool | None = None  # SFT: a batch as 1 padding-free row; None: where varlen runs
     sync_free: bool = True  # metrics stay on the GPU between logs; False: TRL's ~7 syncs a step
+    uint8_pixels: bool = True  # SmolVLM SFT: tiles cross as uint8, normalized on the device
     autocast: bool | None = None  # bf16 autocast; None: off for fused LoRA (casts done), else on
     memory_check: bool = True  # refuse before loading a config predicted not to fit this GPU
     expandable_segments: bool = True  # CUDA allocator grows segments: less fragmentation

@@ -373,9 +373,10 @@ class WorkerCollator:
       and must never wait for a core while workers fill their prefetch queues.
     """
 
-    def __init__(self, collator, dtype: torch.dtype, niceness: int = 10):
+    def __init__(self, collator, dtype: torch.dtype, niceness: int = 10, codec=None):
         self.collator = collator
         self.dtype = dtype
+        self.codec = codec  # vlmfit.train.pixels.PixelCodec: pixels leave as uint8
         self.niceness = niceness
         self.main_pid = os.getpid()
         self.niced_pid = None
@@ -391,6 +392,8 @@ class WorkerCollator:
             os.nice(self.niceness)
             self.niced_pid = pid
         batch = self.collator(examples)
+        if self.codec is not None:
+            self.codec.encode(batch)
         for key in ("pixel_values", "pixel_values_videos"):
             value = batch.get(key)
             if isinstance(value, torch.Tensor) and value.is_floating_point():
@@ -439,6 +442,7 @@ def applied_levers(
     packing: str | None = None,
     offloaded_layers: int = 0,
     host_embeddings: int = 0,
+    uint8_pixels: bool = False,
 ) -> dict[str, Any]:
     """What ran, for summary.json and the report."""
     return {
@@ -455,6 +459,7 @@ def applied_levers(
         "host_embeddings_gib": round(host_embeddings / 2**30, 3),  # the table moved off the GPU
         "fused_lm_head": True,  # TRL's trainers always score through it
         "sync_free": cfg.sync_free,
+        "uint8_pixels": uint8_pixels,
         "dataloader_num_workers": workers,
         "dataloader_prefetch_factor": cfg.dataloader_prefetch_factor if workers else None,
         "pin_memory": torch.cuda.is_available(),

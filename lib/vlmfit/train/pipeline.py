@@ -278,6 +278,7 @@ def summarize(
             packing=getattr(model, "vlmfit_packing", None),
             offloaded_layers=getattr(model, "vlmfit_offloaded_layers", 0),
             host_embeddings=getattr(model, "vlmfit_host_embeddings", 0),
+            uint8_pixels=getattr(trainer, "vlmfit_pixel_codec", None) is not None,
         ),
         "device": env["gpu"] or "cpu",
     }

@@ -46,10 +46,13 @@ class SyncFreeSteps:
 
 @functools.cache
 def sft_trainer_class():
-    """``trl.SFTTrainer`` whose training loss keeps its metrics on the GPU."""
+    """``trl.SFTTrainer`` whose training loss keeps its metrics on the GPU, and whose
+    batches may carry uint8 pixels (:mod:`vlmfit.train.pixels`)."""
     from trl import SFTTrainer
 
-    class SyncFreeSFTTrainer(SyncFreeSteps, SFTTrainer):
+    from vlmfit.train.pixels import DecodePixels
+
+    class SyncFreeSFTTrainer(DecodePixels, SyncFreeSteps, SFTTrainer):
         """TRL's per-micro-batch entropy and token accuracy (computed as TRL computes them)
         and token count are summed on the GPU; ``log`` turns the sums into TRL's metrics
         (their mean over the micro-batches, as TRL's ``log`` averages) with one transfer.
@@ -61,10 +64,13 @@ def sft_trainer_class():
             self._vlmfit_sums: torch.Tensor | None = None  # entropy, accuracy, tokens
             self._vlmfit_rows = 0
 
+        vlmfit_sync_free = True  # False: TRL's own loss and metrics
+
         def _own_loss(self, model, return_outputs: bool) -> bool:
             sp = getattr(getattr(self.accelerator, "parallelism_config", None), "sp_enabled", 0)
             return (
-                model.training
+                self.vlmfit_sync_free
+                and model.training
                 and not return_outputs
                 and not sp
                 and self.compute_loss_func is None

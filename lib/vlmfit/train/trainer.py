@@ -132,9 +132,9 @@ def training_args(cfg: RunConfig, out: Path, n_train: int, progress: bool = True
 def build_trainer(
     cfg: RunConfig, model, processor, train_ds, eval_ds, out: Path, log, progress: bool = True
 ):
-    from trl import DPOTrainer, SFTTrainer
+    from trl import DPOTrainer
 
-    from vlmfit.train import syncfree
+    from vlmfit.train import pixels, syncfree
 
     args = training_args(cfg, out, len(train_ds), progress)
     optimizer = make_optimizer(cfg, model)
@@ -150,11 +150,18 @@ def build_trainer(
         kwargs["optimizers"] = (optimizer, None)
     # PEFT model + no ref_model: DPO's reference is the base with the adapter disabled.
     if cfg.method == "sft":
-        trainer = (syncfree.sft_trainer_class() if cfg.sync_free else SFTTrainer)(**kwargs)
+        trainer = syncfree.sft_trainer_class()(**kwargs)
+        trainer.vlmfit_sync_free = cfg.sync_free
     else:
         trainer = (syncfree.dpo_trainer_class() if cfg.sync_free else DPOTrainer)(**kwargs)
+    codec = None
+    if cfg.uint8_pixels and cfg.method == "sft" and hasattr(trainer.data_collator, "processor"):
+        found = pixels.codec_for(processor, cfg.spec.family.name)
+        if found is not None:  # the collator's processor leaves the pixels raw
+            codec, trainer.data_collator.processor = found
+            trainer.vlmfit_pixel_codec, trainer.vlmfit_pixel_dtype = codec, torch_dtype(cfg)
     trainer.data_collator = fastpath.WorkerCollator(
-        video_collator(trainer.data_collator, train_ds), torch_dtype(cfg)
+        video_collator(trainer.data_collator, train_ds), torch_dtype(cfg), codec=codec
     )
     if not progress:  # reports: the metrics log and the curves carry the numbers
         from transformers.trainer_callback import PrinterCallback
