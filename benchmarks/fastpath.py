@@ -318,6 +318,16 @@ SUITES["run8-final-7b"] = [
     {**_Q7, "path": "plain", "finetune": "lora", "mb": 4},
 ]  # fmt: skip
 SUITES["run8-unsloth"] = [{**_Q7, "path": "vlmfit", "finetune": "lora", "mb": 4, "steps": 20}]
+# Next (run 9): uint8_pixels end to end on the 16-core host of one H200, and SmolVLM's
+# peak with the pixel mask as bool
+_U8_OFF = {"uint8_pixels": False}
+SUITES["run9-host"] = [
+    {**_SMOL, "path": "vlmfit-loop", "finetune": "lora", "mb": 12},
+    {**_SMOL, "finetune": "lora", "mb": 12, "steps": 30},
+    {**_SMOL, "finetune": "lora", "mb": 12, "steps": 30, "over": _U8_OFF},
+    {**_SMOL, "finetune": "qlora", "mb": 12, "steps": 30},
+    {**_SMOL, "path": "vlmfit-loop", "finetune": "lora", "mb": 12},
+]  # fmt: skip
 SUITES["all"] = [c for k in ("smolvlm", "qwen7b", "qwen7b-qlora") for c in SUITES[k]]
 
 
