@@ -29,8 +29,8 @@ def smolvlm_processor():
 
 
 def _examples():
-    """Two chat samples with images of different shapes (a wide one: fewer tiles, and a
-    padded global tile), as TRL's collator receives them."""
+    """Two chat samples with images of different shapes (the wide one has fewer tiles: the
+    batch pads it with empty tiles), as TRL's collator receives them."""
     rng = np.random.default_rng(0)
     out = []
     for h, w in ((300, 900), (1000, 1000)):
@@ -60,7 +60,7 @@ def test_uint8_batches_decode_to_exactly_the_processors_pixels(smolvlm_processor
     assert batch["pixel_values"].nbytes * 2 == expected["pixel_values"].nbytes * (
         1 if dtype == torch.bfloat16 else 0.5
     )
-    assert not batch["pixel_attention_mask"].all()  # padding to restore: tiles and pixels
+    assert not batch["pixel_attention_mask"].all()  # padding tiles to restore to 0
     for key in ("input_ids", "labels", "attention_mask"):
         assert torch.equal(batch[key], expected[key]), key
     kept = weakref.ref(batch["pixel_values"])
@@ -78,10 +78,14 @@ def test_no_codec_where_the_processor_does_not_normalize_bytes(smolvlm_processor
     assert smolvlm_processor.image_processor.do_normalize  # the caller's processor untouched
 
 
-def test_float_pixels_that_are_not_bytes_are_refused():
+def test_float_pixels_that_are_not_bytes_and_other_channel_counts_are_refused():
     codec = pixels.PixelCodec(torch.zeros(3, 256))
     with pytest.raises(ValueError, match="uint8_pixels=False"):
         codec.encode({"pixel_values": torch.full((1, 1, 3, 2, 2), 0.5)})
+    with pytest.raises(ValueError, match="4 channels|do not have the 3 channels"):
+        codec.decode_(
+            {"pixel_values": torch.zeros(1, 1, 4, 2, 2, dtype=torch.uint8)}, torch.float32
+        )
 
 
 def test_training_with_uint8_pixels_is_the_same_run(shapes, tiny_cache, tmp_path):

@@ -27,6 +27,9 @@ class PixelCodec:
         self.lut = lut
         self._on: dict[tuple, torch.Tensor] = {}  # (device, dtype) -> flat table
 
+    def __getstate__(self):  # workers get the CPU table only, never a cached device copy
+        return {"lut": self.lut, "_on": {}}
+
     def encode(self, batch) -> None:
         """Worker side, in place: raw pixels to uint8, the pixel mask to bool."""
         pixels = batch.get("pixel_values")
@@ -45,19 +48,28 @@ class PixelCodec:
 
     def decode_(self, batch: dict[str, Any], dtype: torch.dtype, chunk: int = 16) -> None:
         """Device side, in place (the uint8 tensor is released): normalized pixels in
-        ``dtype``, 0 where the pixel mask is off (the processor's padding)."""
+        ``dtype``, 0 where the pixel mask is off (the processor's padding tiles). Batches
+        of this collator must pass here before the model: the model would take raw bytes
+        as pixel values."""
         pixels = batch.get("pixel_values")
         if not isinstance(pixels, torch.Tensor) or pixels.dtype != torch.uint8:
             return
+        if pixels.dim() < 3 or pixels.shape[-3] != len(self.lut):
+            raise ValueError(
+                f"uint8_pixels: tiles of {tuple(pixels.shape)} do not have the "
+                f"{len(self.lut)} channels the table was made for"
+            )
         key = (pixels.device, dtype)
         lut = self._on.get(key)
         if lut is None:
             lut = self._on[key] = self.lut.to(pixels.device, dtype).flatten()
-        tiles = pixels.view(-1, *pixels.shape[-3:])  # (tiles, C, H, W)
-        offset = (torch.arange(tiles.shape[1], device=pixels.device) * 256).view(-1, 1, 1)
+        tiles = pixels.reshape(-1, *pixels.shape[-3:])  # (tiles, C, H, W)
+        offset = torch.arange(tiles.shape[1], device=pixels.device, dtype=torch.int32) * 256
         out = torch.empty(tiles.shape, dtype=dtype, device=pixels.device)
-        for a in range(0, len(tiles), chunk):  # int64 indices for `chunk` tiles at a time
-            out[a : a + chunk] = lut[tiles[a : a + chunk].long() + offset]
+        for a in range(0, len(tiles), chunk):  # int32 indices for `chunk` tiles at a time
+            index = tiles[a : a + chunk].int()
+            index += offset.view(-1, 1, 1)
+            out[a : a + chunk] = lut[index]
         out = out.view(pixels.shape)
         mask = batch.get("pixel_attention_mask")
         if isinstance(mask, torch.Tensor):
@@ -113,16 +125,22 @@ def _table(normalizing, raw) -> torch.Tensor | None:
         return None
     if u.shape != x.shape or x.dim() != 5 or not torch.equal(u, u.round()):
         return None
-    # and on the full path (resizing, splitting): a processor that resamples in float gives
-    # fractions, which bytes would round
-    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (97, 131, 3), np.uint8))
-    full = raw(images=[[photo]], return_tensors="pt")["pixel_values"]
-    if not torch.equal(full, full.round()):
-        return None
     lut = torch.full((x.shape[2], 256), float("nan"))
     for c in range(x.shape[2]):
         values, byte = x[:, :, c].flatten().float(), u[:, :, c].flatten().long()
         lut[c, byte] = values
         if not torch.equal(lut[c, byte], values) or lut[c].isnan().any():
             return None
-    return lut
+    # and the full path (resizing, splitting, padding): the table must give what the
+    # normalizing processor gives (one that resamples in float would leave fractions)
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (97, 131, 3), np.uint8))
+    full = {"pixel_values": raw(images=[[photo]], return_tensors="pt")["pixel_values"]}
+    expected = normalizing(images=[[photo]], return_tensors="pt")
+    full["pixel_attention_mask"] = expected.get("pixel_attention_mask")
+    codec = PixelCodec(lut)
+    try:
+        codec.encode(full)
+    except ValueError:
+        return None
+    codec.decode_(full, torch.float32)
+    return lut if torch.equal(full["pixel_values"], expected["pixel_values"].float()) else None
