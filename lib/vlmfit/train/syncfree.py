@@ -46,13 +46,13 @@ class SyncFreeSteps:
 
 @functools.cache
 def sft_trainer_class():
-    """``trl.SFTTrainer`` whose training loss keeps its metrics on the GPU, and whose
-    batches may carry uint8 pixels (:mod:`vlmfit.train.pixels`)."""
+    """vlmfit's ``trl.SFTTrainer``: with ``vlmfit_sync_free`` its training loss keeps its
+    metrics on the GPU; its batches may carry uint8 pixels (:mod:`vlmfit.train.pixels`)."""
     from trl import SFTTrainer
 
     from vlmfit.train.pixels import DecodePixels
 
-    class SyncFreeSFTTrainer(DecodePixels, SyncFreeSteps, SFTTrainer):
+    class VlmfitSFTTrainer(DecodePixels, SyncFreeSteps, SFTTrainer):
         """TRL's per-micro-batch entropy and token accuracy (computed as TRL computes them)
         and token count are summed on the GPU; ``log`` turns the sums into TRL's metrics
         (their mean over the micro-batches, as TRL's ``log`` averages) with one transfer.
@@ -135,7 +135,7 @@ def sft_trainer_class():
             self._flush_metrics()
             return super().evaluate(*args, **kwargs)
 
-    return SyncFreeSFTTrainer
+    return VlmfitSFTTrainer
 
 
 @functools.cache
