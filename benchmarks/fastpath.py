@@ -556,8 +556,8 @@ def end_to_end(case: dict, data: Path) -> dict:
         over |= PLAIN | ({"qlora_upcast": True} if case["finetune"] == "qlora" else {})
     cfg, _ = resolve(over)
     phases = _time_phases() if case.get("profile") else None
-    trace = _trace_steps(case["steps"]) if case.get("trace") else None
-    s = train.run(cfg, progress=False)
+    trace, callbacks = _trace_steps(case["steps"]) if case.get("trace") else (None, ())
+    s = train.run(cfg, progress=False, callbacks=callbacks)
     peak = s["train_peak_memory_gib"]
     reserved = torch.cuda.max_memory_reserved() / 2**30
     tps = s["tokens_per_s"]
@@ -573,16 +573,15 @@ def end_to_end(case: dict, data: Path) -> dict:
     return row
 
 
-def _trace_steps(steps: int, n: int = 3) -> dict:
+def _trace_steps(steps: int, n: int = 3) -> tuple[dict, tuple]:
     """``case["trace"]``: the Trainer's kernel timeline over ``n`` steps near the end of the
     run, then its host-GPU syncs per step over the next ``n`` (benchmarks/tracing.py). A
-    diagnosis: the traced steps run slower, so the case's tokens/s is not a measurement."""
+    diagnosis: the traced steps run slower, so the case's tokens/s is not a measurement.
+    Returns (the result, filled as the run goes; the callback for ``train.run``)."""
     import torch
     import tracing
     from torch.profiler import ProfilerActivity, profile
     from transformers import TrainerCallback
-
-    from vlmfit.train import pipeline
 
     first = steps - 2 * n - 2
     if first < 2:
@@ -608,15 +607,7 @@ def _trace_steps(steps: int, n: int = 3) -> dict:
                 self.syncs.__exit__(None, None, None)
                 out["syncs_per_step"] = self.syncs.per_step(n)
 
-    original = pipeline.build_trainer
-
-    def build_trainer(*a, **k):
-        trainer = original(*a, **k)
-        trainer.add_callback(Trace())
-        return trainer
-
-    pipeline.build_trainer = build_trainer
-    return out
+    return out, (Trace(),)
 
 
 def _time_phases():

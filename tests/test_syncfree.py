@@ -101,18 +101,8 @@ def test_the_training_loop_asks_the_gpu_for_no_value_between_logs(
         def on_step_end(self, args, state, control, **kw):
             stepping["on"] = False
 
-    from vlmfit.train import pipeline
-
-    original = pipeline.build_trainer
-
-    def build_trainer(*a, **k):
-        trainer = original(*a, **k)
-        trainer.add_callback(Window())
-        return trainer
-
-    monkeypatch.setattr(pipeline, "build_trainer", build_trainer)
     cfg = _cfg(shapes, tmp_path, sync_free=sync_free, logging_steps=10, max_steps=3)
-    train.run(cfg, progress=False)
+    train.run(cfg, progress=False, callbacks=(Window(),))
     if sync_free:
         assert calls == []
     else:  # TRL's metrics and the Trainer's NaN filter: what sync_free removes
@@ -145,7 +135,7 @@ def test_a_non_finite_step_logs_what_the_trainer_nan_filter_logs(
 
 @pytest.mark.gpu
 def test_on_a_gpu_no_sync_comes_from_the_training_loop_or_the_batch_copy(
-    shapes, tiny_cache, tmp_path, monkeypatch
+    shapes, tiny_cache, tmp_path
 ):
     """CUDA's sync debug mode flags every host-GPU sync; between logs none may come from the
     trainer or accelerate's batch transfer (the model's own forward may still sync)."""
@@ -153,8 +143,6 @@ def test_on_a_gpu_no_sync_comes_from_the_training_loop_or_the_batch_copy(
     import warnings
 
     from transformers import TrainerCallback
-
-    from vlmfit.train import pipeline
 
     culprits: list[str] = []
     files = (*LOOP_FILES, "data_loader.py", "operations.py")
@@ -170,20 +158,12 @@ def test_on_a_gpu_no_sync_comes_from_the_training_loop_or_the_batch_copy(
             on = 1 <= state.global_step < args.max_steps - 1  # the next batch's copy included
             torch.cuda.set_sync_debug_mode("warn" if on else "default")
 
-    original = pipeline.build_trainer
-
-    def build_trainer(*a, **k):
-        trainer = original(*a, **k)
-        trainer.add_callback(Window())
-        return trainer
-
-    monkeypatch.setattr(pipeline, "build_trainer", build_trainer)
     cfg = _cfg(shapes, tmp_path, logging_steps=10, max_steps=4, dataloader_num_workers=1)
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.showwarning = record
         try:
-            train.run(cfg, progress=False)
+            train.run(cfg, progress=False, callbacks=(Window(),))
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert culprits == []

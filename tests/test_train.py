@@ -172,22 +172,9 @@ def test_killed_run_resumes_from_its_last_checkpoint(shapes, tiny_cache, tmp_pat
             if state.global_step == 3:
                 raise KeyboardInterrupt("simulated kill")
 
-    from vlmfit.train import pipeline  # run() looks build_trainer up there
-
     cfg = _cfg(shapes, tmp_path, finetune="lora", lora_r=4, max_steps=5, save_steps=2)
-    real = pipeline.build_trainer
-
-    def with_kill(*a, **k):
-        t = real(*a, **k)
-        t.add_callback(Kill())
-        return t
-
-    pipeline.build_trainer = with_kill
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            train.run(cfg, progress=False)
-    finally:
-        pipeline.build_trainer = real
+    with pytest.raises(KeyboardInterrupt):
+        train.run(cfg, progress=False, callbacks=(Kill(),))
     out = Path(cfg.runs_dir) / cfg.run_id
     assert (out / "checkpoints" / "checkpoint-2").exists()
     assert not (out / "summary.json").exists()

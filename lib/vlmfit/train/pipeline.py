@@ -21,8 +21,15 @@ from vlmfit.train.model import build_model
 from vlmfit.train.trainer import build_trainer
 
 
-def run(cfg: RunConfig, origin: dict[str, str] | None = None, *, progress: bool = True):
-    """Train (SFT or DPO), evaluate before/after, write the run folder; returns the summary."""
+def run(
+    cfg: RunConfig,
+    origin: dict[str, str] | None = None,
+    *,
+    progress: bool = True,
+    callbacks: tuple = (),
+):
+    """Train (SFT or DPO), evaluate before/after, write the run folder; returns the summary.
+    ``callbacks``: more ``transformers.TrainerCallback``s for the Trainer (diagnoses, tests)."""
     out, allocator = open_run(cfg, progress)
     # Data first: bad data or DPO on non-preference data fails before the model loads.
     data = load_data(cfg, out, origin, progress)
@@ -30,7 +37,7 @@ def run(cfg: RunConfig, origin: dict[str, str] | None = None, *, progress: bool 
     built = build(cfg)
     evaluate = evaluator(cfg, built.processor, data.eval_records, progress)
     before = evaluate(built.model)  # before the Trainer wraps it: a full replica on every rank
-    fit = train(cfg, built, data, out, progress)
+    fit = train(cfg, built, data, out, progress, callbacks)
     save(fit, built.processor, out)
     after, eval_note = evaluate_after(fit, evaluate, data.eval_records, out)
     dpo_eval = fit.trainer.evaluate() if data.eval_ds is not None else {}
@@ -173,7 +180,9 @@ def evaluator(cfg: RunConfig, processor, records: list[Record], progress: bool):
     return evaluate
 
 
-def train(cfg: RunConfig, built: Built, data: Data, out: Path, progress: bool) -> Fit:
+def train(
+    cfg: RunConfig, built: Built, data: Data, out: Path, progress: bool, callbacks: tuple = ()
+) -> Fit:
     """The Trainer, run (or resumed) to the end; a CUDA OOM becomes one line of advice."""
     log = runs.MetricsLog(out / "metrics.jsonl")
     trainer = build_trainer(
@@ -181,6 +190,8 @@ def train(cfg: RunConfig, built: Built, data: Data, out: Path, progress: bool) -
     )
     per_step = memory.step_callback(out / "memory.jsonl")  # allocated / reserved / peak
     trainer.add_callback(per_step)
+    for callback in callbacks:
+        trainer.add_callback(callback)
     if distributed.is_distributed():
         (out / "ranks").mkdir(exist_ok=True)
         trainer.data_collator = distributed.SampleLog(
